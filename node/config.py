@@ -1,0 +1,351 @@
+"""Typed, validated configuration, loaded once from one TOML file.
+
+Where the file comes from, first match wins: ``ainode --config PATH``, the
+``AINODE_CONFIG`` environment variable, ``config/ainode.toml`` of the checkout
+(the embedded default), and last the built-in defaults below, which are the
+same values as that file.
+
+Every error names the file, the key and the reason in one line, for example::
+
+    config/ainode.toml: [node] ae_title: must be 1 to 16 characters, got 17
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from node.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+logger = logging.getLogger(__name__)
+
+ENV_CONFIG = "AINODE_CONFIG"
+CHECKOUT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "ainode.toml"
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+_DEST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def ae_title_problem(value: object) -> str | None:
+    """Why ``value`` is not a valid AE title, or None if it is.
+
+    DICOM PS3.5 (AE value representation): 1 to 16 characters of the default
+    character repertoire, no backslash, no control characters; leading and
+    trailing spaces are not significant, so an all-space title is empty.
+    """
+    if not isinstance(value, str):
+        return f"must be a string, got {type(value).__name__}"
+    if not 1 <= len(value) <= 16:
+        return f"must be 1 to 16 characters, got {len(value)}"
+    if "\\" in value:
+        return "must not contain a backslash"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        return "must not contain control characters"
+    if any(ord(c) > 0x7E for c in value):
+        return "must be plain ASCII"
+    if not value.strip():
+        return "must not be blank"
+    return None
+
+
+def host_problem(value: object) -> str | None:
+    """Why ``value`` is not an IP address or host name, or None if it is."""
+    if not isinstance(value, str) or not value:
+        return "must be a non-empty string (an IP address or host name)"
+    try:
+        ipaddress.ip_address(value)
+        return None
+    except ValueError:
+        pass
+    if not _HOSTNAME.match(value):
+        return f"{value!r} is not an IP address or host name"
+    return None
+
+
+def port_problem(value: object) -> str | None:
+    """Why ``value`` is not a TCP port, or None if it is."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"must be an integer, got {type(value).__name__}"
+    if not 1 <= value <= 65535:
+        return f"must be between 1 and 65535, got {value}"
+    return None
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """``[node]``: the SCP and its storage."""
+
+    ae_title: str = "AINODE"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    storage: Path = Path("var/ainode")
+    max_associations: int = 32
+    max_pdu: int = 131072
+    min_free_mb: int = 1024
+
+
+@dataclass(frozen=True)
+class CompletionConfig:
+    """``[completion]``: when a study counts as complete."""
+
+    quiet_seconds: float = 10.0
+    max_wait_seconds: float = 1800.0
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    """``[redis]``: empty ``url`` means ainode runs its own Redis server."""
+
+    url: str = ""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``[model]``: empty ``path`` means the bundled model."""
+
+    path: str = ""
+    device: str = "auto"
+    threshold: float = 0.5
+
+
+@dataclass(frozen=True)
+class Caller:
+    """One ``[[callers]]`` entry: a calling AE title allowed to associate."""
+
+    ae_title: str
+    host: str | None = None
+
+    def admits(self, ae_title: str, address: str) -> bool:
+        """True if a peer calling as ``ae_title`` from ``address`` is this caller."""
+        return ae_title.strip() == self.ae_title.strip() and (self.host is None or self.host == address)
+
+
+@dataclass(frozen=True)
+class Destination:
+    """One ``[[destinations]]`` entry: a storage SCP that receives results."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration; ``source`` is the file it came from (None: built-in)."""
+
+    node: NodeConfig = field(default_factory=NodeConfig)
+    completion: CompletionConfig = field(default_factory=CompletionConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    callers: tuple[Caller, ...] = ()
+    destinations: tuple[Destination, ...] = ()
+    source: Path | None = None
+
+    def destination(self, name: str) -> Destination | None:
+        """The destination called ``name``, or None."""
+        return next((d for d in self.destinations if d.name == name), None)
+
+
+class _Checker:
+    """Reads one TOML table into a dataclass, raising ConfigError with file and key."""
+
+    def __init__(self, origin: str) -> None:
+        self.origin = origin
+
+    def fail(self, where: str, reason: str) -> ConfigError:
+        return ConfigError(f"{self.origin}: {where}: {reason}")
+
+    def table(self, data: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+        value = data.get(name, {})
+        if not isinstance(value, dict):
+            raise self.fail(f"[{name}]", "must be a table")
+        return value
+
+    def build(self, cls: type, raw: Mapping[str, Any], where: str) -> Any:
+        known = {f.name: f for f in fields(cls)}
+        for key in raw:
+            if key not in known:
+                raise self.fail(f"{where} {key}", f"unknown key (known: {', '.join(known)})")
+        values: dict[str, Any] = {}
+        for name, f in known.items():
+            if name not in raw:
+                continue
+            value = raw[name]
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            values[name] = self.coerce(value, kind, f"{where} {name}")
+        return cls(**values)
+
+    def coerce(self, value: Any, kind: str, where: str) -> Any:
+        if kind == "str":
+            if not isinstance(value, str):
+                raise self.fail(where, f"must be a string, got {type(value).__name__}")
+            return value
+        if kind == "str | None":
+            if not isinstance(value, str):
+                raise self.fail(where, f"must be a string, got {type(value).__name__}")
+            return value or None
+        if kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise self.fail(where, f"must be an integer, got {type(value).__name__}")
+            return value
+        if kind == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise self.fail(where, f"must be a number, got {type(value).__name__}")
+            return float(value)
+        if kind == "Path":
+            if not isinstance(value, str) or not value:
+                raise self.fail(where, "must be a non-empty path string")
+            return Path(value)
+        raise AssertionError(f"no coercion for {kind}")  # pragma: no cover
+
+
+def parse(data: Mapping[str, Any], origin: str = "<config>", base: Path | None = None) -> Config:
+    """Build a validated Config from parsed TOML ``data``.
+
+    ``origin`` names the file in errors. Relative ``node.storage`` paths are
+    made absolute against ``base`` (default: the current directory).
+    """
+    ck = _Checker(origin)
+    sections = {"node", "completion", "redis", "model", "callers", "destinations"}
+    for key in data:
+        if key not in sections:
+            raise ck.fail(f"[{key}]", f"unknown section (known: {', '.join(sorted(sections))})")
+
+    node = ck.build(NodeConfig, ck.table(data, "node"), "[node]")
+    if (p := ae_title_problem(node.ae_title)) is not None:
+        raise ck.fail("[node] ae_title", p)
+    if (p := host_problem(node.host)) is not None:
+        raise ck.fail("[node] host", p)
+    if (p := port_problem(node.port)) is not None:
+        raise ck.fail("[node] port", p)
+    if not 1 <= node.max_associations <= 1000:
+        raise ck.fail("[node] max_associations", f"must be between 1 and 1000, got {node.max_associations}")
+    if node.max_pdu != 0 and not 4096 <= node.max_pdu <= 2**32 - 1:
+        raise ck.fail("[node] max_pdu", f"must be 0 (unlimited) or between 4096 and 4294967295, got {node.max_pdu}")
+    if node.min_free_mb < 0:
+        raise ck.fail("[node] min_free_mb", f"must be 0 or more, got {node.min_free_mb}")
+    storage = node.storage.expanduser()
+    if not storage.is_absolute():
+        storage = (base or Path.cwd()) / storage
+    node = NodeConfig(**{**node.__dict__, "storage": storage})
+
+    completion = ck.build(CompletionConfig, ck.table(data, "completion"), "[completion]")
+    if completion.quiet_seconds <= 0:
+        raise ck.fail("[completion] quiet_seconds", f"must be more than 0, got {completion.quiet_seconds:g}")
+    if completion.max_wait_seconds < completion.quiet_seconds:
+        raise ck.fail(
+            "[completion] max_wait_seconds",
+            f"must be at least quiet_seconds ({completion.quiet_seconds:g}), got {completion.max_wait_seconds:g}",
+        )
+
+    redis_cfg = ck.build(RedisConfig, ck.table(data, "redis"), "[redis]")
+    if redis_cfg.url and not redis_cfg.url.startswith(("redis://", "rediss://", "unix://")):
+        raise ck.fail("[redis] url", "must be empty or start with redis://, rediss:// or unix://")
+
+    model = ck.build(ModelConfig, ck.table(data, "model"), "[model]")
+    if model.device not in DEVICES:
+        raise ck.fail("[model] device", f"must be one of {', '.join(DEVICES)}, got {model.device!r}")
+    if not 0.0 <= model.threshold <= 1.0:
+        raise ck.fail("[model] threshold", f"must be between 0 and 1, got {model.threshold:g}")
+
+    callers = tuple(_entries(ck, data, "callers", Caller))
+    seen: set[tuple[str, str | None]] = set()
+    for i, c in enumerate(callers):
+        where = f"[[callers]] #{i + 1}"
+        if (p := ae_title_problem(c.ae_title)) is not None:
+            raise ck.fail(f"{where} ae_title", p)
+        if c.host is not None and (p := host_problem(c.host)) is not None:
+            raise ck.fail(f"{where} host", p)
+        if (c.ae_title, c.host) in seen:
+            raise ck.fail(f"{where} ae_title", f"{c.ae_title!r} is listed twice")
+        seen.add((c.ae_title, c.host))
+
+    destinations = tuple(_entries(ck, data, "destinations", Destination))
+    names: set[str] = set()
+    for i, d in enumerate(destinations):
+        where = f"[[destinations]] #{i + 1}"
+        if not _DEST_NAME.match(d.name):
+            raise ck.fail(f"{where} name", f"{d.name!r} must be 1-64 letters, digits, '_', '.' or '-'")
+        if d.name in names:
+            raise ck.fail(f"{where} name", f"{d.name!r} is listed twice")
+        names.add(d.name)
+        if (p := ae_title_problem(d.ae_title)) is not None:
+            raise ck.fail(f"{where} ae_title", p)
+        if (p := host_problem(d.host)) is not None:
+            raise ck.fail(f"{where} host", p)
+        if (p := port_problem(d.port)) is not None:
+            raise ck.fail(f"{where} port", p)
+
+    return Config(node, completion, redis_cfg, model, callers, destinations, None)
+
+
+def _entries(ck: _Checker, data: Mapping[str, Any], name: str, cls: type) -> list[Any]:
+    raw = data.get(name, [])
+    if not isinstance(raw, list):
+        raise ck.fail(f"[[{name}]]", "must be an array of tables")
+    out = []
+    for i, item in enumerate(raw):
+        where = f"[[{name}]] #{i + 1}"
+        if not isinstance(item, dict):
+            raise ck.fail(where, "must be a table")
+        required = [f.name for f in fields(cls) if f.default is f.default_factory]  # type: ignore[misc]
+        for key in required:
+            if key not in item:
+                raise ck.fail(f"{where} {key}", "is required")
+        out.append(ck.build(cls, item, where))
+    return out
+
+
+def parse_text(text: str, origin: str = "<config>", base: Path | None = None) -> Config:
+    """Parse TOML ``text`` and validate it (see :func:`parse`)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{origin}: not valid TOML: {exc}") from None
+    return parse(data, origin, base)
+
+
+def resolve_path(path: str | os.PathLike[str] | None = None) -> Path | None:
+    """The config file to use: ``path``, else $AINODE_CONFIG, else the checkout's, else None."""
+    if path:
+        return Path(path)
+    env = os.environ.get(ENV_CONFIG)
+    if env:
+        return Path(env)
+    if CHECKOUT_CONFIG.is_file():
+        return CHECKOUT_CONFIG
+    return None
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load and validate the configuration (see the module docstring for where from)."""
+    source = resolve_path(path)
+    if source is None:
+        cfg = parse({}, "<built-in defaults>")
+        logger.debug("Config: built-in defaults")
+        return cfg
+    try:
+        text = source.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source}: not UTF-8 text") from None
+    cfg = parse_text(text, str(source))
+    cfg = Config(cfg.node, cfg.completion, cfg.redis, cfg.model, cfg.callers, cfg.destinations, source.resolve())
+    logger.debug("Config from %s: %s", source, cfg)
+    return cfg

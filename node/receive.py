@@ -1,0 +1,245 @@
+"""The DICOM SCP: association policy, C-ECHO and C-STORE. The only SCP code.
+
+Handlers are plain functions with their dependencies bound in the handler
+list. The C-STORE handler never raises and does no heavy work: it checks,
+writes durably, arms the study's completion timer and returns a named status.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    HTJ2K,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.events import Event
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from node.completion import Completion
+from node.config import Caller, Config
+from node.errors import InvalidUIDError
+from node.store import Storage, check_uid
+
+logger = logging.getLogger(__name__)
+
+# C-STORE statuses (PS3.4 Table B.2-1; Cxxx sub-codes are ainode's own, each
+# sent with an Error Comment that says what was wrong).
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+CANNOT_UNDERSTAND_MISSING_UID = 0xC001
+CANNOT_UNDERSTAND_INVALID_UID = 0xC002
+CANNOT_UNDERSTAND_UID_MISMATCH = 0xC003
+
+# A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 Table 9-21.
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service user, called AE title not recognised
+
+#: The transfer syntaxes accepted for every storage SOP class.
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    HTJ2K,
+    RLELossless,
+]
+
+
+class Policy:
+    """Who may associate: the called AE title and the allowed callers.
+
+    Replaced as a whole on SIGHUP; readers take one consistent snapshot.
+    """
+
+    def __init__(self, ae_title: str, callers: tuple[Caller, ...]) -> None:
+        self._lock = threading.Lock()
+        self._snapshot = (ae_title, callers)
+
+    def update(self, ae_title: str, callers: tuple[Caller, ...]) -> None:
+        with self._lock:
+            self._snapshot = (ae_title, callers)
+
+    def check(self, calling: str, called: str, address: str) -> tuple[tuple[int, int, int], str] | None:
+        """None if the peer may associate, else (reject reason, why in words)."""
+        with self._lock:
+            ae_title, callers = self._snapshot
+        if called.strip() != ae_title.strip():
+            return REJECT_CALLED_AE, f"called AE title {called.strip()!r} is not {ae_title!r}"
+        if callers and not any(c.admits(calling, address) for c in callers):
+            known = any(c.ae_title.strip() == calling.strip() for c in callers)
+            why = "is not allowed from this host" if known else "is not an allowed caller"
+            return REJECT_CALLING_AE, f"calling AE title {calling.strip()!r} {why}"
+        return None
+
+
+@dataclass
+class Receiver:
+    """What the handlers need, bound to them when the server starts."""
+
+    storage: Storage
+    completion: Completion
+    policy: Policy
+    min_free_mb: int
+
+
+def _peer(event: Event) -> str:
+    assoc = event.assoc
+    return f"{assoc.requestor.ae_title.strip() or '?'}@{assoc.requestor.address}:{assoc.requestor.port}"
+
+
+def handle_conn_open(event: Event) -> None:
+    """Turn Nagle off on the new connection: DIMSE is request/response."""
+    sock = event.assoc.dul.socket
+    raw = getattr(sock, "socket", None)
+    if raw is not None:
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:  # not a TCP socket; nothing to tune
+            logger.debug("TCP_NODELAY not set: %s", exc)
+
+
+def handle_requested(event: Event, receiver: Receiver) -> None:
+    """Accept or reject an A-ASSOCIATE request by called AE, calling AE and host."""
+    assoc = event.assoc
+    rq = assoc.requestor.primitive
+    calling, called = rq.calling_ae_title, rq.called_ae_title
+    address = assoc.requestor.address
+    refusal = receiver.policy.check(calling, called, address)
+    if refusal is None:
+        logger.info("Association from %s@%s to %s: accepted", calling.strip(), address, called.strip())
+        return
+    reason, why = refusal
+    logger.warning("Association from %s@%s to %s: rejected, %s", calling.strip(), address, called.strip(), why)
+    assoc.acse.send_reject(*reason)
+    evt.trigger(assoc, evt.EVT_REJECTED, {})
+    assoc.kill()
+
+
+def handle_echo(event: Event) -> int:
+    """C-ECHO: always Success once the association was accepted."""
+    logger.debug("C-ECHO from %s", _peer(event))
+    return SUCCESS
+
+
+def _failure(status: int, comment: str, event: Event) -> Dataset:
+    """A status dataset with an Error Comment (at most 64 characters, LO)."""
+    logger.warning("C-STORE from %s: status 0x%04X, %s", _peer(event), status, comment)
+    ds = Dataset()
+    ds.Status = status
+    ds.ErrorComment = comment[:64]
+    return ds
+
+
+def handle_store(event: Event, receiver: Receiver) -> int | Dataset:
+    """C-STORE: check, store durably, arm completion, answer. Never raises."""
+    try:
+        return _store(event, receiver)
+    except Exception:  # the association must go on whatever one instance does
+        logger.exception("C-STORE from %s: unexpected error", _peer(event))
+        return _failure(CANNOT_UNDERSTAND, "internal error while storing", event)
+
+
+def _store(event: Event, receiver: Receiver) -> int | Dataset:
+    storage = receiver.storage
+    free = storage.free_mb()
+    if free < receiver.min_free_mb:
+        return _failure(OUT_OF_RESOURCES, f"storage has {free:.0f} MB free, below min_free_mb", event)
+
+    request: Any = event.request
+    try:
+        ds = event.dataset
+        study_uid = ds.get("StudyInstanceUID")
+        series_uid = ds.get("SeriesInstanceUID")
+        sop_uid = ds.get("SOPInstanceUID")
+        sop_class = ds.get("SOPClassUID")
+    except Exception as exc:  # pydicom raises many kinds on bad bytes
+        return _failure(CANNOT_UNDERSTAND, f"data set cannot be decoded: {type(exc).__name__}", event)
+
+    for name, value in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid), ("SOPInstanceUID", sop_uid)):
+        if not value:
+            return _failure(CANNOT_UNDERSTAND_MISSING_UID, f"{name} missing", event)
+    try:
+        study_uid = check_uid(str(study_uid), "StudyInstanceUID")
+        series_uid = check_uid(str(series_uid), "SeriesInstanceUID")
+        sop_uid = check_uid(str(sop_uid), "SOPInstanceUID")
+    except InvalidUIDError as exc:
+        return _failure(CANNOT_UNDERSTAND_INVALID_UID, str(exc), event)
+    if sop_uid != request.AffectedSOPInstanceUID:
+        return _failure(CANNOT_UNDERSTAND_UID_MISMATCH, "SOPInstanceUID differs from the request's", event)
+    if sop_class and str(sop_class) != request.AffectedSOPClassUID:
+        return _failure(DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from the request's", event)
+
+    meta = event.file_meta
+    calling = event.assoc.requestor.ae_title.strip()
+    if calling:
+        meta.SourceApplicationEntityTitle = calling
+    head = BytesIO()
+    head.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(head, meta, enforce_standard=True)
+    try:
+        path, replaced = storage.write_instance(
+            study_uid, series_uid, sop_uid, (head.getbuffer(), request.DataSet.getbuffer())
+        )
+    except OSError as exc:
+        return _failure(OUT_OF_RESOURCES, f"cannot write: {exc.strerror or exc}", event)
+    receiver.completion.instance_stored(study_uid)
+    logger.debug("Study %s: stored %s%s", study_uid, sop_uid, " (replaced)" if replaced else "")
+    return SUCCESS
+
+
+def build_ae(cfg: Config) -> AE:
+    """The application entity with every storage SOP class and Verification."""
+    ae = AE(ae_title=cfg.node.ae_title)
+    ae.maximum_associations = cfg.node.max_associations
+    ae.maximum_pdu_size = cfg.node.max_pdu
+    ae.require_called_aet = False  # the Policy checks it, with the reload-able title
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+    ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    return ae
+
+
+def handlers(receiver: Receiver) -> list[Any]:
+    """The event handlers of the SCP, with their dependencies bound."""
+    return [
+        (evt.EVT_CONN_OPEN, handle_conn_open),
+        (evt.EVT_REQUESTED, handle_requested, [receiver]),
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_STORE, handle_store, [receiver]),
+    ]

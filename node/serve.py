@@ -1,0 +1,161 @@
+"""``ainode serve``: the receiving node — SCP, storage, completion loop, Redis.
+
+One process: pynetdicom's server threads receive; the main thread runs the
+completion loop and handles signals (SIGHUP reload, SIGTERM/SIGINT stop).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import replace
+from types import FrameType
+from typing import Any
+
+from redis import Redis
+
+from node import config as config_mod
+from node.completion import Completion
+from node.config import Config
+from node.embedded_redis import EmbeddedRedis
+from node.enqueue import JobQueue
+from node.errors import ConfigError
+from node.receive import Policy, Receiver, build_ae, handlers
+from node.store import Storage
+
+logger = logging.getLogger(__name__)
+
+TICK_S = 0.25
+DRAIN_S = 30.0
+
+
+def connect_redis(cfg: Config) -> tuple[Redis, EmbeddedRedis | None]:
+    """A client for the configured Redis; with an empty URL, start our own server first."""
+    if cfg.redis.url:
+        return Redis.from_url(cfg.redis.url, socket_timeout=10, socket_connect_timeout=5), None
+    embedded = EmbeddedRedis(cfg.node.storage)
+    embedded.start()
+    return embedded.client(), embedded
+
+
+class Node:
+    """The receiving node, from start to a clean stop."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.stop_requested = threading.Event()
+        self.reload_requested = threading.Event()
+        self.storage = Storage(cfg.node.storage)
+        self.embedded: EmbeddedRedis | None = None
+        self.server: Any = None
+
+    def start(self) -> None:
+        cfg = self.cfg
+        self.storage.prepare()
+        self.redis, self.embedded = connect_redis(cfg)
+        self.completion = Completion(self.storage, self.redis, cfg.completion, JobQueue(self.redis))
+        self.completion.reconcile()
+        self.policy = Policy(cfg.node.ae_title, cfg.callers)
+        self.receiver = Receiver(self.storage, self.completion, self.policy, cfg.node.min_free_mb)
+        self.ae = build_ae(cfg)
+        self.server = self.ae.start_server(
+            (cfg.node.host, cfg.node.port), block=False, evt_handlers=handlers(self.receiver)
+        )
+        if not cfg.callers:
+            logger.warning("No [[callers]] configured: any calling AE title is accepted")
+        logger.info(
+            "ainode listening as %s on %s:%d, storage %s, Redis %s",
+            cfg.node.ae_title, cfg.node.host, cfg.node.port, cfg.node.storage,
+            "embedded" if self.embedded else _mask(cfg.redis.url),
+        )
+
+    def run(self) -> None:
+        """The completion loop, until a stop is requested."""
+        while not self.stop_requested.is_set():
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                self.reload()
+            if self.embedded is not None:
+                self.embedded.ensure_running()
+            self.completion.tick()
+            self.stop_requested.wait(TICK_S)
+
+    def reload(self) -> None:
+        """Re-read the config file; apply what can change live, keep the rest."""
+        if self.cfg.source is None:
+            logger.warning("SIGHUP: no config file to reload (built-in defaults)")
+            return
+        try:
+            new = config_mod.load(self.cfg.source)
+        except ConfigError as exc:
+            logger.error("SIGHUP: config not reloaded, keeping the running one: %s", exc)
+            return
+        old = self.cfg
+        for key in ("host", "port", "storage"):
+            if getattr(new.node, key) != getattr(old.node, key):
+                logger.warning("SIGHUP: [node] %s changed; it takes effect at the next restart", key)
+        if new.redis != old.redis:
+            logger.warning("SIGHUP: [redis] changed; it takes effect at the next restart")
+        self.policy.update(new.node.ae_title, new.callers)
+        self.ae.maximum_associations = new.node.max_associations
+        self.ae.maximum_pdu_size = new.node.max_pdu
+        self.receiver.min_free_mb = new.node.min_free_mb
+        self.completion.update_config(new.completion)
+        kept = replace(new.node, host=old.node.host, port=old.node.port, storage=old.node.storage)
+        self.cfg = replace(new, node=kept, redis=old.redis)
+        logger.info(
+            "SIGHUP: config reloaded from %s: %d callers, %d destinations",
+            new.source, len(new.callers), len(new.destinations),
+        )
+
+    def stop(self) -> None:
+        """Stop accepting, let open associations finish (bounded), stop Redis."""
+        if self.server is not None:
+            self.server.shutdown()
+            deadline = time.monotonic() + DRAIN_S
+            while self.ae.active_associations and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self.ae.active_associations:
+                logger.warning("Aborting %d association(s) still open at stop", len(self.ae.active_associations))
+                for assoc in self.ae.active_associations:
+                    assoc.abort()
+            self.server = None
+        if self.embedded is not None:
+            self.embedded.stop()
+        logger.info("ainode stopped")
+
+    def install_signal_handlers(self) -> None:
+        def on_stop(signum: int, frame: FrameType | None) -> None:
+            logger.info("Signal %s: stopping", signal.Signals(signum).name)
+            self.stop_requested.set()
+
+        def on_hup(signum: int, frame: FrameType | None) -> None:
+            self.reload_requested.set()
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, on_hup)
+
+
+def _mask(url: str) -> str:
+    """A Redis URL with any password replaced by ***."""
+    if "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0] if ":" in creds else ""
+    return f"{scheme}://{user}:***@{host}"
+
+
+def serve(cfg: Config) -> int:
+    """Run the node until SIGTERM/SIGINT; returns the exit code."""
+    node = Node(cfg)
+    node.install_signal_handlers()
+    try:
+        node.start()
+        node.run()
+    finally:
+        node.stop()
+    return 0

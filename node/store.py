@@ -1,0 +1,260 @@
+"""Durable instance storage: the files on disk are the source of truth.
+
+Layout under the storage root::
+
+    studies/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm   received instances
+    state/<StudyUID>/rev-0001.json                        one file per queued revision
+    tmp/                                                  partial writes (same file system)
+    redis/                                                the embedded Redis server
+
+An instance is written to ``tmp/``, fsync'd, renamed to its final name and
+the folder fsync'd: only then may the C-STORE be answered with Success.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from node.errors import InvalidUIDError
+
+logger = logging.getLogger(__name__)
+
+UID_MAX_LENGTH = 64
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_REVISION_FILE = re.compile(r"^rev-(\d{4,})\.json$")
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+
+def check_uid(uid: object, name: str = "UID") -> str:
+    """Return ``uid`` if it is a DICOM UID safe to use as a path part, else raise.
+
+    A UID is digits separated by single dots, at most 64 characters (PS3.5 9.1).
+    """
+    if not isinstance(uid, str) or not uid:
+        raise InvalidUIDError(f"{name} is missing")
+    if len(uid) > UID_MAX_LENGTH:
+        raise InvalidUIDError(f"{name} is {len(uid)} characters long, more than {UID_MAX_LENGTH}")
+    if not _UID.match(uid):
+        raise InvalidUIDError(f"{name} {uid[:80]!r} is not digits separated by dots")
+    return uid
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename or create inside it is durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves the old file or the new one.
+
+    The temp file lives in ``tmp_dir`` (same file system) or beside ``path``.
+    """
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir or path.parent, prefix=".", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(path.parent)
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One stored instance as found on disk."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    path: Path
+    mtime: float
+
+
+@dataclass(frozen=True)
+class Revision:
+    """One queued revision of a study: the instances it covers and its job."""
+
+    study_uid: str
+    revision: int
+    instances: dict[str, str]  # SOP Instance UID -> Series Instance UID
+    completed_at: float
+    reason: str  # "quiet" | "max_wait" | "reconcile"
+    job_id: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "study_uid": self.study_uid,
+            "revision": self.revision,
+            "completed_at": self.completed_at,
+            "reason": self.reason,
+            "job_id": self.job_id,
+            "instances": self.instances,
+        }
+
+
+class Storage:
+    """The storage root and every file operation on it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.studies = self.root / "studies"
+        self.state = self.root / "state"
+        self.tmp = self.root / "tmp"
+
+    def prepare(self) -> None:
+        """Create the folders (mode 0700) and remove partial writes left by a crash."""
+        for d in (self.root, self.studies, self.state, self.tmp):
+            d.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        removed = 0
+        for leftover in self.tmp.iterdir():
+            if leftover.is_file():
+                leftover.unlink()
+                removed += 1
+        if removed:
+            logger.warning("Removed %d partial write(s) left in %s by an earlier crash", removed, self.tmp)
+
+    # --- instances -----------------------------------------------------------------
+
+    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        """The final path of an instance; every UID is checked first."""
+        return (
+            self.studies
+            / check_uid(study_uid, "Study Instance UID")
+            / check_uid(series_uid, "Series Instance UID")
+            / f"{check_uid(sop_uid, 'SOP Instance UID')}.dcm"
+        )
+
+    def _ensure_dir(self, path: Path) -> None:
+        """Create ``path`` (and its parent) durably if missing."""
+        if path.is_dir():
+            return
+        parent = path.parent
+        if not parent.is_dir():
+            self._ensure_dir(parent)
+        try:
+            path.mkdir(mode=DIR_MODE)
+        except FileExistsError:
+            return  # another association made it
+        fsync_dir(parent)
+
+    def write_instance(
+        self, study_uid: str, series_uid: str, sop_uid: str, chunks: Sequence[bytes | memoryview]
+    ) -> tuple[Path, bool]:
+        """Store one Part 10 file, given as consecutive byte chunks, durably.
+
+        Returns (final path, True if it replaced a file of the same SOP Instance UID).
+        """
+        final = self.instance_path(study_uid, series_uid, sop_uid)
+        self._ensure_dir(final.parent)
+        replaced = final.exists()
+        fd, tmp = tempfile.mkstemp(dir=self.tmp, suffix=".part")
+        try:
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+            os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            os.replace(tmp, final)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        fsync_dir(final.parent)
+        return final, replaced
+
+    def free_mb(self) -> float:
+        """Free space on the storage file system, in MiB, for an unprivileged writer."""
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize / (1024 * 1024)
+
+    def study_uids(self) -> list[str]:
+        """Every study folder with a valid UID name."""
+        try:
+            names = os.listdir(self.studies)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if _UID.match(n) and (self.studies / n).is_dir())
+
+    def instances(self, study_uid: str) -> list[Instance]:
+        """Every stored instance of a study (unordered)."""
+        out: list[Instance] = []
+        study_dir = self.studies / check_uid(study_uid, "Study Instance UID")
+        try:
+            series_dirs = list(os.scandir(study_dir))
+        except FileNotFoundError:
+            return out
+        for series in series_dirs:
+            if not series.is_dir() or not _UID.match(series.name):
+                continue
+            for entry in os.scandir(series.path):
+                if entry.name.endswith(".dcm") and _UID.match(entry.name[:-4]):
+                    out.append(
+                        Instance(study_uid, series.name, entry.name[:-4], Path(entry.path), entry.stat().st_mtime)
+                    )
+        return out
+
+    def iter_instances(self) -> Iterator[Instance]:
+        """Every stored instance of every study."""
+        for study in self.study_uids():
+            yield from self.instances(study)
+
+    # --- revisions -----------------------------------------------------------------
+
+    def revisions(self, study_uid: str) -> list[int]:
+        """The revision numbers recorded for a study, ascending."""
+        try:
+            names = os.listdir(self.state / check_uid(study_uid, "Study Instance UID"))
+        except FileNotFoundError:
+            return []
+        return sorted(int(m.group(1)) for n in names if (m := _REVISION_FILE.match(n)))
+
+    def revision_path(self, study_uid: str, revision: int) -> Path:
+        return self.state / check_uid(study_uid, "Study Instance UID") / f"rev-{revision:04d}.json"
+
+    def outcome_path(self, study_uid: str, revision: int) -> Path:
+        """Where the worker records a revision's final outcome (result or reason)."""
+        return self.state / check_uid(study_uid, "Study Instance UID") / f"rev-{revision:04d}.outcome.json"
+
+    def read_revision(self, study_uid: str, revision: int) -> Revision:
+        data = json.loads(self.revision_path(study_uid, revision).read_text())
+        return Revision(
+            data["study_uid"], data["revision"], data["instances"], data["completed_at"], data["reason"], data["job_id"]
+        )
+
+    def latest_revision(self, study_uid: str) -> Revision | None:
+        revs = self.revisions(study_uid)
+        return self.read_revision(study_uid, revs[-1]) if revs else None
+
+    def write_revision(self, rev: Revision) -> Path:
+        """Record a revision durably (before its job is queued)."""
+        path = self.revision_path(rev.study_uid, rev.revision)
+        self._ensure_dir(path.parent)
+        write_atomic(path, json.dumps(rev.to_json(), indent=1).encode(), self.tmp)
+        return path
+
+    def has_outcome(self, study_uid: str, revision: int) -> bool:
+        return self.outcome_path(study_uid, revision).exists()
