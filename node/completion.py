@@ -132,9 +132,9 @@ class Completion:
     def reconcile(self) -> tuple[int, int]:
         """Rebuild what is pending from disk; returns (studies armed, jobs requeued).
 
-        A study with instances that no revision covers gets its timers back,
-        due from the file times (so a study that went quiet while the node was
-        down completes at once). A recorded revision with no outcome whose job
+        A study with instances that no revision covers gets its timers set
+        from the file times and the current config (so a study that went
+        quiet while the node was down completes at once). A recorded revision with no outcome whose job
         Redis has lost is queued again under the same job id.
         """
         armed = requeued = 0
@@ -148,8 +148,8 @@ class Completion:
             new = [i for i in instances if i.sop_uid not in covered]
             if new:
                 pipe = self.redis.pipeline(transaction=False)
-                pipe.zadd(KEY_QUIET, {study_uid: max(i.mtime for i in new) + quiet}, gt=True)
-                pipe.zadd(KEY_DEADLINE, {study_uid: min(i.mtime for i in new) + deadline}, nx=True)
+                pipe.zadd(KEY_QUIET, {study_uid: max(i.mtime for i in new) + quiet})
+                pipe.zadd(KEY_DEADLINE, {study_uid: min(i.mtime for i in new) + deadline})
                 pipe.execute()
                 armed += 1
             elif last and not self.storage.has_outcome(study_uid, last.revision):

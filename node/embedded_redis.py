@@ -58,12 +58,17 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _is_our_redis(pid: int, socket_path: Path) -> bool:
-    """True if ``pid`` is a redis-server started for this socket (Linux /proc)."""
+    """True if ``pid`` is a redis-server serving this socket (Linux /proc).
+
+    redis-server rewrites its command line to ``redis-server unixsocket:PATH``,
+    so the socket path is searched in the whole of it.
+    """
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return any(b"redis-server" in part for part in cmdline[:1]) and str(socket_path).encode() in cmdline
+    return comm.startswith("redis-server") and str(socket_path).encode() in cmdline
 
 
 class EmbeddedRedis:

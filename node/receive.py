@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
 
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
@@ -34,6 +35,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
+from pydicom.tag import Tag
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import AllStoragePresentationContexts
@@ -55,6 +57,9 @@ CANNOT_UNDERSTAND = 0xC000
 CANNOT_UNDERSTAND_MISSING_UID = 0xC001
 CANNOT_UNDERSTAND_INVALID_UID = 0xC002
 CANNOT_UNDERSTAND_UID_MISMATCH = 0xC003
+
+UNDEFINED_LENGTH = 0xFFFFFFFF
+_PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # Pixel Data, Float and Double Float Pixel Data
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 Table 9-21.
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
@@ -166,6 +171,27 @@ def _failure(status: int, comment: str, event: Event) -> Dataset:
     return ds
 
 
+def truncation_problem(ds: Dataset) -> str | None:
+    """Why a decoded data set looks cut short, or None.
+
+    pydicom reads a short value without complaint; a value shorter than its
+    declared length, or an image (Rows/Columns) whose pixel data is gone
+    (an encapsulated one cut before its delimiter), means the bytes were cut.
+    """
+    for tag in ds.keys():
+        elem = ds.get_item(tag)
+        if (
+            isinstance(elem, RawDataElement)
+            and elem.value is not None
+            and elem.length != UNDEFINED_LENGTH
+            and len(elem.value) != elem.length
+        ):
+            return f"element {Tag(tag)} has {len(elem.value)} of {elem.length} bytes"
+    if "Rows" in ds and "Columns" in ds and not any(t in ds for t in _PIXEL_DATA_TAGS):
+        return "image without pixel data"
+    return None
+
+
 def handle_store(event: Event, receiver: Receiver) -> int | Dataset:
     """C-STORE: check, store durably, arm completion, answer. Never raises."""
     try:
@@ -188,8 +214,11 @@ def _store(event: Event, receiver: Receiver) -> int | Dataset:
         series_uid = ds.get("SeriesInstanceUID")
         sop_uid = ds.get("SOPInstanceUID")
         sop_class = ds.get("SOPClassUID")
+        problem = truncation_problem(ds)
     except Exception as exc:  # pydicom raises many kinds on bad bytes
         return _failure(CANNOT_UNDERSTAND, f"data set cannot be decoded: {type(exc).__name__}", event)
+    if problem:
+        return _failure(CANNOT_UNDERSTAND, f"data set cannot be decoded: {problem}", event)
 
     for name, value in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid), ("SOPInstanceUID", sop_uid)):
         if not value:

@@ -1,0 +1,574 @@
+"""Admin commands: allowed callers (``ainode ae``), destinations (``ainode dest``)
+and ``ainode config check``.
+
+Edits go through :func:`edit_config`: read the file with tomlkit (comments and
+layout kept), change the ``[[callers]]`` / ``[[destinations]]`` tables, validate
+the new text with :func:`node.config.parse_text`, then replace the file
+atomically. Bad input leaves the file untouched and exits with
+:data:`EXIT_USAGE` after one ``ainode: error: ...`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import re
+import socket
+import stat
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import tomlkit
+from tomlkit.exceptions import TOMLKitError
+from tomlkit.items import AoT, Table, Whitespace
+from tomlkit.toml_document import TOMLDocument
+
+from node import config
+from node.config import Caller, Destination
+from node.errors import AinodeError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the command ran but the peer failed (C-ECHO)
+EXIT_USAGE = 2  # bad input, unknown name, invalid or missing config
+
+ERROR_PREFIX = "ainode: error: "
+RELOAD_HINT = "Reload a running node with SIGHUP (systemctl reload ainode)."
+DEFAULT_ECHO_TIMEOUT = 10.0
+STATUS_SUCCESS = 0x0000
+
+CALLERS = "callers"
+DESTINATIONS = "destinations"
+
+Command = Callable[[argparse.Namespace], int]
+Change = Callable[[TOMLDocument], "str | None"]
+
+
+class AdminError(AinodeError):
+    """An admin command got input it cannot act on (bad value, unknown name)."""
+
+
+# --------------------------------------------------------------------------
+# read-modify-validate-write
+
+
+def edit_config(path_arg: str | None, change: Change) -> tuple[Path, str | None]:
+    """Apply ``change`` to the config file and write it back atomically.
+
+    ``change`` edits the tomlkit document in place and returns a one-line
+    description of what changed, or None when there is nothing to do (the file
+    is then not written). The new text is validated before it is written, so an
+    invalid edit leaves the file untouched. Returns the file and the description.
+    """
+    path = config.resolve_path(path_arg)
+    if path is None:
+        raise AdminError("no config file to edit: pass --config PATH or set AINODE_CONFIG")
+    old_text = _read_text(path)
+    config.parse_text(old_text, str(path))  # refuse to edit a file that is already invalid
+    try:
+        doc = tomlkit.parse(old_text)
+    except TOMLKitError as exc:  # pragma: no cover - tomllib accepted it above
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    if tomlkit.dumps(doc) != old_text:  # e.g. [[callers]] tables split by another table
+        raise AdminError(f"{path}: cannot edit this file without changing its layout; edit it by hand")
+    what = change(doc)
+    if what is None:
+        return path, None
+    new_text = _keep_ending(old_text, tomlkit.dumps(doc))
+    config.parse_text(new_text, str(path))
+    write_atomic(path, new_text)
+    logger.info("Config %s: %s", path, what)
+    return path, what
+
+
+def _keep_ending(old: str, new: str) -> str:
+    """``new`` ending in the same run of newlines as ``old`` (removing the last
+    table would otherwise leave the blank line that separated it)."""
+    body = old.rstrip("\r\n")
+    return new.rstrip("\r\n") + old[len(body):]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text``: temp file beside it, same mode (and owner
+    where allowed), fsync, rename, fsync the directory. A symlink is followed."""
+    target = Path(os.path.realpath(path))
+    directory = target.parent
+    try:
+        old = os.stat(target)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot write: {exc.strerror}") from None
+    try:
+        os.fchmod(fd, stat.S_IMODE(old.st_mode))
+        try:
+            os.fchown(fd, old.st_uid, old.st_gid)
+        except PermissionError:
+            logger.debug("Config %s: cannot keep owner %d:%d", path, old.st_uid, old.st_gid)
+        with os.fdopen(fd, "wb") as f:
+            f.write(text.encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except OSError as exc:
+        _unlink_quietly(tmp)
+        raise ConfigError(f"{path}: cannot write: {exc.strerror}") from None
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _unlink_quietly(name: str) -> None:
+    try:
+        os.unlink(name)
+    except FileNotFoundError:
+        pass
+
+
+# --------------------------------------------------------------------------
+# arrays of tables that keep the comments around them
+
+
+def _tables(doc: TOMLDocument, name: str) -> AoT | None:
+    """The ``[[name]]`` array of tables, None if absent; refuse other spellings."""
+    item = doc.get(name)
+    if item is None:
+        return None
+    if not isinstance(item, AoT):
+        raise AdminError(f"{name!r} is not written as [[{name}]] tables; edit the file by hand")
+    return item
+
+
+def _pop_detached(table: Table) -> list[Any]:
+    """Remove and return the blank lines and comments that end ``table``'s body,
+    from its first blank line after the last key on: they belong to what follows.
+    Comments right under the last key (no blank line) stay with the table."""
+    body = table.value.body
+    last_key = max((i for i, (k, _) in enumerate(body) if k is not None), default=-1)
+    start = next(
+        (i for i in range(last_key + 1, len(body)) if isinstance(body[i][1], Whitespace)),
+        len(body),
+    )
+    detached = [item for _, item in body[start:]]
+    del body[start:]
+    return detached
+
+
+def _ends_blank(table: Table) -> bool:
+    body = table.value.body
+    return bool(body) and isinstance(body[-1][1], Whitespace)
+
+
+def _append_table(doc: TOMLDocument, name: str, values: dict[str, Any]) -> None:
+    """Append a ``[[name]]`` table; create the array at the end when absent."""
+    table = tomlkit.table()
+    for key, value in values.items():
+        table.add(key, value)
+    aot = _tables(doc, name)
+    if aot is None:
+        new = tomlkit.aot()
+        new.append(table)
+        doc.append(name, new)
+        return
+    last = aot[-1]
+    detached = _pop_detached(last)  # comments about the next section move below the new table
+    last.add(tomlkit.nl())
+    aot.append(table)
+    for item in detached:
+        table.add(item)
+
+
+def _remove_tables(doc: TOMLDocument, name: str, indexes: list[int]) -> None:
+    """Remove tables ``indexes`` of ``[[name]]``, keeping the comments that
+    followed each one where they were."""
+    aot = _tables(doc, name)
+    assert aot is not None
+    for i in sorted(indexes, reverse=True):
+        detached = _pop_detached(aot[i])
+        holder = aot[i - 1] if i > 0 else _neighbour(doc, aot, before=True)
+        del aot[i]
+        if not detached:
+            continue
+        if holder is not None:
+            if _ends_blank(holder) and isinstance(detached[0], Whitespace):
+                detached = detached[1:]
+            for item in detached:
+                holder.add(item)
+            continue
+        # Nothing before (the array opens the file): put them in front of what follows.
+        successor = aot[i] if i < len(aot) else _neighbour(doc, aot, before=False)
+        if successor is not None:
+            text = "".join(item.as_string() for item in detached)
+            successor.trivia.indent = text + successor.trivia.indent
+        else:
+            for item in detached:
+                doc.add(item)
+    if len(aot) == 0:
+        del doc[name]
+
+
+def _neighbour(doc: TOMLDocument, aot: AoT, before: bool) -> Table | None:
+    """The table rendered just before (or after) ``aot`` in ``doc``, or None."""
+    body = doc.body
+    index = next(i for i, (_, item) in enumerate(body) if item is aot)
+    others = reversed(body[:index]) if before else iter(body[index + 1:])
+    for key, item in others:
+        if key is None:
+            continue
+        if isinstance(item, Table):
+            return item
+        if isinstance(item, AoT) and len(item) > 0:
+            return item[-1] if before else item[0]
+        return None
+    return None
+
+
+# --------------------------------------------------------------------------
+# checks of command-line values
+
+
+def _check(what: str, problem: str | None) -> None:
+    if problem is not None:
+        raise AdminError(f"{what}: {problem}")
+
+
+def _int_arg(what: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise AdminError(f"{what}: must be an integer, got {text!r}") from None
+
+
+def _where(caller_host: str | None) -> str:
+    return f"from {caller_host}" if caller_host else "from any host"
+
+
+def _dest_label(d: Destination) -> str:
+    return f"{d.name} ({d.ae_title}@{d.host}:{d.port})"
+
+
+# --------------------------------------------------------------------------
+# ae
+
+
+def cmd_ae_list(args: argparse.Namespace) -> int:
+    """Print the allowed calling AE titles."""
+    cfg = config.load(args.config)
+    origin = cfg.source or "built-in defaults"
+    if not cfg.callers:
+        print(f"No callers listed ({origin}): any calling AE title is accepted.")
+        return EXIT_OK
+    width = max(len(c.ae_title) for c in cfg.callers)
+    for c in cfg.callers:
+        print(f"{c.ae_title:<{width}}  {c.host or 'any host'}")
+    return EXIT_OK
+
+
+def cmd_ae_allow(args: argparse.Namespace) -> int:
+    """Add a ``[[callers]]`` entry (nothing to do if it is there)."""
+    _check("AE title", config.ae_title_problem(args.ae_title))
+    if args.host is not None:
+        _check("--host", config.host_problem(args.host))
+    caller = Caller(args.ae_title.strip(), args.host)
+
+    def change(doc: TOMLDocument) -> str | None:
+        for c in _callers(doc):
+            if c.ae_title.strip() == caller.ae_title and c.host == caller.host:
+                return None
+        values: dict[str, Any] = {"ae_title": caller.ae_title}
+        if caller.host is not None:
+            values["host"] = caller.host
+        _append_table(doc, CALLERS, values)
+        return f"allowed caller {caller.ae_title} {_where(caller.host)}"
+
+    path, what = edit_config(args.config, change)
+    if what is None:
+        print(f"{caller.ae_title} {_where(caller.host)} is already allowed in {path}; nothing changed.")
+        return EXIT_OK
+    print(f"Allowed {caller.ae_title} {_where(caller.host)} in {path}.")
+    print(RELOAD_HINT)
+    return EXIT_OK
+
+
+def cmd_ae_deny(args: argparse.Namespace) -> int:
+    """Remove the ``[[callers]]`` entries of an AE title (with --host: that binding only)."""
+    ae_title = args.ae_title.strip()
+    removed: list[Caller] = []
+    left = 0
+
+    def change(doc: TOMLDocument) -> str:
+        nonlocal left
+        callers = _callers(doc)
+        hits = [
+            i for i, c in enumerate(callers)
+            if c.ae_title.strip() == ae_title and (args.host is None or c.host == args.host)
+        ]
+        if not hits:
+            bound = f" bound to host {args.host}" if args.host is not None else ""
+            raise AdminError(f"no caller {ae_title!r}{bound} is listed; see `ainode ae list`")
+        _remove_tables(doc, CALLERS, hits)
+        removed.extend(callers[i] for i in hits)
+        left = len(callers) - len(hits)
+        return "denied caller " + ", ".join(f"{c.ae_title} {_where(c.host)}" for c in removed)
+
+    path, _ = edit_config(args.config, change)
+    print(f"Denied {', '.join(f'{c.ae_title} {_where(c.host)}' for c in removed)} in {path}.")
+    if left == 0:
+        print("No callers are listed any more: any calling AE title is now accepted.")
+    print(RELOAD_HINT)
+    return EXIT_OK
+
+
+def _callers(doc: TOMLDocument) -> list[Caller]:
+    aot = _tables(doc, CALLERS)
+    return [Caller(str(t.get("ae_title", "")), str(t.get("host") or "") or None) for t in (aot or [])]
+
+
+# --------------------------------------------------------------------------
+# dest
+
+
+def cmd_dest_list(args: argparse.Namespace) -> int:
+    """Print the destinations."""
+    cfg = config.load(args.config)
+    if not cfg.destinations:
+        print(f"No destinations ({cfg.source or 'built-in defaults'}).")
+        return EXIT_OK
+    width = max(len(d.name) for d in cfg.destinations)
+    for d in cfg.destinations:
+        print(f"{d.name:<{width}}  {d.ae_title}@{d.host}:{d.port}")
+    return EXIT_OK
+
+
+def cmd_dest_add(args: argparse.Namespace) -> int:
+    """Add a ``[[destinations]]`` entry; the name must be new."""
+    _check("--ae", config.ae_title_problem(args.ae))
+    _check("--host", config.host_problem(args.host))
+    port = _int_arg("--port", args.port)
+    _check("--port", config.port_problem(port))
+    dest = Destination(args.name, args.ae.strip(), args.host, port)
+
+    def change(doc: TOMLDocument) -> str:
+        if any(t.get("name") == dest.name for t in _tables(doc, DESTINATIONS) or []):
+            raise AdminError(f"destination {dest.name!r} already exists; remove it first to change it")
+        values = {"name": dest.name, "ae_title": dest.ae_title, "host": dest.host, "port": dest.port}
+        _append_table(doc, DESTINATIONS, values)
+        return f"added destination {_dest_label(dest)}"
+
+    path, _ = edit_config(args.config, change)
+    print(f"Added destination {_dest_label(dest)} to {path}.")
+    print(RELOAD_HINT)
+    return EXIT_OK
+
+
+def cmd_dest_remove(args: argparse.Namespace) -> int:
+    """Remove the ``[[destinations]]`` entry called NAME."""
+
+    def change(doc: TOMLDocument) -> str:
+        tables = list(_tables(doc, DESTINATIONS) or [])
+        hits = [i for i, t in enumerate(tables) if t.get("name") == args.name]
+        if not hits:
+            raise AdminError(f"no destination {args.name!r}; see `ainode dest list`")
+        _remove_tables(doc, DESTINATIONS, hits)
+        return f"removed destination {args.name}"
+
+    path, _ = edit_config(args.config, change)
+    print(f"Removed destination {args.name} from {path}.")
+    print(RELOAD_HINT)
+    return EXIT_OK
+
+
+@dataclass(frozen=True)
+class EchoResult:
+    """The outcome of one C-ECHO: ``ok`` and what happened, in words."""
+
+    ok: bool
+    detail: str
+    elapsed_ms: int
+
+
+def echo(calling_ae: str, dest: Destination, timeout: float) -> EchoResult:
+    """Associate with ``dest`` as ``calling_ae`` and send one C-ECHO.
+
+    Every network step is bounded by ``timeout`` seconds; the time reported
+    covers association and echo.
+    """
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(Verification)
+    ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    start = time.monotonic()
+
+    def ms() -> int:
+        return round((time.monotonic() - start) * 1000)
+
+    try:
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    except OSError as exc:  # the host name does not resolve
+        return EchoResult(False, f"no association: cannot connect to {dest.host}: {exc.strerror or exc}", ms())
+
+    rsp = assoc.acceptor.primitive  # the A-ASSOCIATE answer, None if there was none
+    if not assoc.is_established:
+        if rsp is None:
+            return EchoResult(False, f"no association: {_connect_problem(dest, timeout)}", ms())
+        if assoc.is_rejected:
+            reason = f"{rsp.result_str}, {rsp.source_str}: {rsp.reason_str}"
+            return EchoResult(False, f"association rejected ({reason})", ms())
+        return EchoResult(False, "association aborted: the peer accepted no Verification context", ms())
+    try:
+        status = assoc.send_c_echo()
+        elapsed = ms()
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if "Status" not in status:
+        return EchoResult(False, f"no C-ECHO response within {timeout:g} s (association aborted)", elapsed)
+    if status.Status != STATUS_SUCCESS:
+        return EchoResult(False, f"C-ECHO failed with status 0x{status.Status:04X}", elapsed)
+    return EchoResult(True, f"C-ECHO success (0x{STATUS_SUCCESS:04X})", elapsed)
+
+
+def _connect_problem(dest: Destination, timeout: float) -> str:
+    """Why no association answer came from ``dest``: try one TCP connection
+    (pynetdicom does not say whether connecting failed, or why)."""
+    try:
+        with socket.create_connection((dest.host, dest.port), timeout=timeout):
+            return (f"{dest.host}:{dest.port} did not accept the association within {timeout:g} s"
+                    " (no answer, or it aborted or closed the connection)")
+    except socket.timeout:
+        return f"cannot connect to {dest.host}:{dest.port}: timed out after {timeout:g} s"
+    except OSError as exc:
+        return f"cannot connect to {dest.host}:{dest.port}: {exc.strerror or exc}"
+
+
+def cmd_dest_echo(args: argparse.Namespace) -> int:
+    """C-ECHO a destination from our own AE title; exit 1 when the echo fails."""
+    try:
+        timeout = float(args.timeout)
+    except ValueError:
+        raise AdminError(f"--timeout: must be a number of seconds, got {args.timeout!r}") from None
+    if not 0 < timeout <= 3600:
+        raise AdminError(f"--timeout: must be more than 0 and at most 3600 seconds, got {args.timeout}")
+    cfg = config.load(args.config)
+    dest = cfg.destination(args.name)
+    if dest is None:
+        raise AdminError(f"no destination {args.name!r}; see `ainode dest list`")
+    result = echo(cfg.node.ae_title, dest, timeout)
+    if result.ok:
+        print(f"{_dest_label(dest)}: {result.detail} in {result.elapsed_ms} ms")
+        return EXIT_OK
+    print(f"{ERROR_PREFIX}{_dest_label(dest)}: {result.detail} after {result.elapsed_ms} ms", file=sys.stderr)
+    return EXIT_FAILED
+
+
+# --------------------------------------------------------------------------
+# config
+
+
+def mask_url(url: str) -> str:
+    """``url`` with any password (user info or ``password=`` parameter) replaced by ``***``."""
+
+    def userinfo(m: re.Match[str]) -> str:
+        user, sep, _ = m.group(2).partition(":")
+        return f"{m.group(1)}{user}:***@" if sep else f"{m.group(1)}***@"
+
+    url = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/?#@]*)@", userinfo, url)
+    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", url)
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    """Load and validate the config; print a short summary."""
+    cfg = config.load(args.config)
+    n = cfg.node
+    print(f"OK: {cfg.source or 'built-in defaults (no config file)'}")
+    print(f"  AE title:     {n.ae_title}")
+    print(f"  listen:       {n.host}:{n.port}")
+    print(f"  storage:      {n.storage}")
+    print(f"  redis:        {mask_url(cfg.redis.url) if cfg.redis.url else 'embedded'}")
+    callers = str(len(cfg.callers)) if cfg.callers else "0 (any calling AE title is accepted)"
+    print(f"  callers:      {callers}")
+    dests = ", ".join(_dest_label(d) for d in cfg.destinations) or "none"
+    print(f"  destinations: {dests}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------
+# argparse
+
+
+def _guarded(func: Command) -> Command:
+    """Turn an AinodeError into one ``ainode: error:`` line and EXIT_USAGE."""
+
+    @functools.wraps(func)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except AinodeError as exc:
+            print(f"{ERROR_PREFIX}{exc}", file=sys.stderr)
+            return EXIT_USAGE
+
+    return run
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register `ae`, `dest` and `config` sub-commands; each sets args.func(args) -> int."""
+    ae = subparsers.add_parser("ae", help="calling AE titles allowed to send to this node")
+    ae_sub = ae.add_subparsers(dest="ae_command", metavar="{list,allow,deny}", required=True)
+    p = ae_sub.add_parser("list", help="list the allowed callers")
+    p.set_defaults(func=_guarded(cmd_ae_list))
+    p = ae_sub.add_parser("allow", help="allow a calling AE title (optionally only from one host)")
+    p.add_argument("ae_title", metavar="AE", help="calling AE title (1-16 characters)")
+    p.add_argument("--host", metavar="H", help="accept this AE title only from this IP address or host name")
+    p.set_defaults(func=_guarded(cmd_ae_allow))
+    p = ae_sub.add_parser("deny", help="remove a calling AE title (with --host: that binding only)")
+    p.add_argument("ae_title", metavar="AE")
+    p.add_argument("--host", metavar="H")
+    p.set_defaults(func=_guarded(cmd_ae_deny))
+
+    dest = subparsers.add_parser("dest", help="destinations that receive results")
+    dest_sub = dest.add_subparsers(dest="dest_command", metavar="{list,add,remove,echo}", required=True)
+    p = dest_sub.add_parser("list", help="list the destinations")
+    p.set_defaults(func=_guarded(cmd_dest_list))
+    p = dest_sub.add_parser("add", help="add a destination")
+    p.add_argument("name", metavar="NAME", help="1-64 letters, digits, '_', '.' or '-'")
+    p.add_argument("--ae", required=True, metavar="AE", help="the destination's AE title")
+    p.add_argument("--host", required=True, metavar="H", help="its IP address or host name")
+    p.add_argument("--port", required=True, metavar="P", help="its TCP port")
+    p.set_defaults(func=_guarded(cmd_dest_add))
+    p = dest_sub.add_parser("remove", help="remove a destination")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=_guarded(cmd_dest_remove))
+    p = dest_sub.add_parser("echo", help="C-ECHO a destination from this node's AE title")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--timeout", default=str(DEFAULT_ECHO_TIMEOUT), metavar="S",
+                   help=f"seconds allowed for each network step (default {DEFAULT_ECHO_TIMEOUT:g})")
+    p.set_defaults(func=_guarded(cmd_dest_echo))
+
+    cfg = subparsers.add_parser("config", help="the configuration file")
+    cfg_sub = cfg.add_subparsers(dest="config_command", metavar="{check}", required=True)
+    p = cfg_sub.add_parser("check", help="validate the config file and summarise it")
+    p.set_defaults(func=_guarded(cmd_config_check))

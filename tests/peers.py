@@ -1,0 +1,259 @@
+"""Real processes for tests and benchmarks: ainode itself, redis-server, DCMTK tools.
+
+Everything listens on 127.0.0.1 on a free port, every wait is bounded, and every
+process is stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import closing
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+READY_TIMEOUT_S = 30.0
+
+
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago."""
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def short_tmp(prefix: str = "ainode-") -> Path:
+    """A fresh folder with a short path (the embedded Redis socket must fit in 104 bytes)."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+def dcmtk_env() -> dict[str, str]:
+    """The environment for DCMTK tools: TCP_NODELAY=1 (see ../shared/PEERS.md)."""
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def have(tool: str) -> bool:
+    return shutil.which(tool) is not None
+
+
+def echoscu(port: int, called: str = "AINODE", calling: str = "ECHOSCU", timeout: float = 5) -> subprocess.CompletedProcess[str]:
+    """Run DCMTK echoscu once against 127.0.0.1:port."""
+    t = str(max(1, int(timeout)))
+    return subprocess.run(
+        ["echoscu", "-to", t, "-ta", t, "-td", t, "-aet", calling, "-aec", called, "127.0.0.1", str(port)],
+        capture_output=True, text=True, timeout=timeout + 10, env=dcmtk_env(),
+    )
+
+
+def storescu(
+    files: Sequence[Path | str], port: int, called: str = "AINODE", calling: str = "STORESCU",
+    extra: Sequence[str] = (), timeout: float = 300,
+) -> subprocess.CompletedProcess[str]:
+    """Send files with DCMTK storescu in one association."""
+    return subprocess.run(
+        ["storescu", "-aet", calling, "-aec", called, *extra, "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True, text=True, timeout=timeout, env=dcmtk_env(),
+    )
+
+
+def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns a truthy value; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 15) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``; always reaped."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def redis_server_binary() -> str:
+    from node.embedded_redis import redis_server_binary as find
+
+    return find()
+
+
+class RedisServer:
+    """A throw-away redis-server on a free 127.0.0.1 port, no persistence."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        self.proc = subprocess.Popen(
+            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+        )
+        wait_until(self._answers, 10, f"redis-server on port {self.port}")
+        return self
+
+    def _answers(self) -> bool:
+        import redis
+
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"redis-server exited with {self.proc.returncode}")
+        try:
+            return bool(redis.Redis(port=self.port, socket_connect_timeout=0.5).ping())
+        except redis.RedisError:
+            return False
+
+    def client(self) -> Any:
+        import redis
+
+        return redis.Redis(port=self.port, socket_timeout=5)
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is not None:
+            if kill:
+                self.proc.kill()
+                self.proc.wait(10)
+            else:
+                stop_process(self.proc)
+            self.proc = None
+
+
+def write_config(path: Path, *, port: int, storage: Path, redis_url: str = "", quiet: float = 1.0,
+                 max_wait: float = 1800, min_free_mb: int = 1, callers: Iterable[tuple[str, str | None]] = (),
+                 ae_title: str = "AINODE") -> Path:
+    """A config file for a test node."""
+    lines = [
+        "[node]",
+        f'ae_title = "{ae_title}"',
+        'host = "127.0.0.1"',
+        f"port = {port}",
+        f'storage = "{storage}"',
+        f"min_free_mb = {min_free_mb}",
+        "[completion]",
+        f"quiet_seconds = {quiet}",
+        f"max_wait_seconds = {max_wait}",
+        "[redis]",
+        f'url = "{redis_url}"',
+    ]
+    for ae, host in callers:
+        lines += ["[[callers]]", f'ae_title = "{ae}"'] + ([f'host = "{host}"'] if host else [])
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class NodeProcess:
+    """``ainode serve`` as a subprocess on a free port, with its log in a file."""
+
+    def __init__(self, workdir: Path, *, redis_url: str = "", quiet: float = 1.0, max_wait: float = 1800,
+                 min_free_mb: int = 1, callers: Iterable[tuple[str, str | None]] = (), port: int | None = None) -> None:
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.storage = workdir / "storage"
+        self.config = write_config(
+            workdir / "ainode.toml", port=self.port, storage=self.storage, redis_url=redis_url, quiet=quiet,
+            max_wait=max_wait, min_free_mb=min_free_mb, callers=callers,
+        )
+        self.log = workdir / "node.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.redis_url = redis_url
+
+    def start(self) -> "NodeProcess":
+        env = {k: v for k, v in os.environ.items() if k != "AINODE_CONFIG"}
+        self._log_start = self.log.stat().st_size if self.log.exists() else 0
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "node", "--config", str(self.config), "--log-level", "DEBUG", "serve"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.workdir, env=env,
+            )
+        wait_until(self._ready, READY_TIMEOUT_S, f"ainode on port {self.port}")
+        return self
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"ainode exited with {self.proc.returncode}:\n{self.log_text()}")
+        return "ainode listening" in self.log_text()[self._log_start :]
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        stop_process(self.proc, timeout=40)
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+        self.proc = None
+
+    def redis(self) -> Any:
+        """A client of the node's Redis (its embedded one when no URL was given)."""
+        import redis
+
+        if self.redis_url:
+            return redis.Redis.from_url(self.redis_url, socket_timeout=5)
+        return redis.Redis(unix_socket_path=str(self.storage / "redis" / "redis.sock"), socket_timeout=5)
+
+    def embedded_redis_pid(self) -> int | None:
+        try:
+            return int((self.storage / "redis" / "redis.pid").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def stored_files(self) -> list[Path]:
+        return sorted((self.storage / "studies").glob("*/*/*.dcm"))
+
+    def revisions(self, study_uid: str) -> list[Path]:
+        return sorted((self.storage / "state" / study_uid).glob("rev-*.json"))
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def kill_pid(pid: int) -> None:
+    """Stop a process we started, by PID, and wait until it is gone."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        wait_until(lambda: not pid_alive(pid), 10, f"pid {pid} to exit")
+    except AssertionError:
+        os.kill(pid, signal.SIGKILL)
