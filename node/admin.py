@@ -18,7 +18,6 @@ import re
 import socket
 import stat
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +28,9 @@ from tomlkit.exceptions import TOMLKitError
 from tomlkit.items import AoT, Table, Whitespace
 from tomlkit.toml_document import TOMLDocument
 
-from node import config
+from node import config, store
 from node.config import Caller, Destination
-from node.errors import AinodeError, ConfigError
+from node.errors import AdminError, AinodeError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +48,6 @@ DESTINATIONS = "destinations"
 
 Command = Callable[[argparse.Namespace], int]
 Change = Callable[[TOMLDocument], "str | None"]
-
-
-class AdminError(AinodeError):
-    """An admin command got input it cannot act on (bad value, unknown name)."""
 
 
 # --------------------------------------------------------------------------
@@ -107,44 +102,16 @@ def _read_text(path: Path) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text``: temp file beside it, same mode (and owner
-    where allowed), fsync, rename, fsync the directory. A symlink is followed."""
+    """Replace ``path`` with ``text`` atomically, keeping its mode (and owner
+    where allowed). A symlink is followed."""
     target = Path(os.path.realpath(path))
-    directory = target.parent
     try:
         old = os.stat(target)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
+        store.write_atomic(
+            target, text.encode("utf-8"), mode=stat.S_IMODE(old.st_mode), owner=(old.st_uid, old.st_gid)
+        )
     except OSError as exc:
         raise ConfigError(f"{path}: cannot write: {exc.strerror}") from None
-    try:
-        os.fchmod(fd, stat.S_IMODE(old.st_mode))
-        try:
-            os.fchown(fd, old.st_uid, old.st_gid)
-        except PermissionError:
-            logger.debug("Config %s: cannot keep owner %d:%d", path, old.st_uid, old.st_gid)
-        with os.fdopen(fd, "wb") as f:
-            f.write(text.encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except OSError as exc:
-        _unlink_quietly(tmp)
-        raise ConfigError(f"{path}: cannot write: {exc.strerror}") from None
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _unlink_quietly(name: str) -> None:
-    try:
-        os.unlink(name)
-    except FileNotFoundError:
-        pass
 
 
 # --------------------------------------------------------------------------

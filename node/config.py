@@ -262,16 +262,16 @@ def parse(data: Mapping[str, Any], origin: str = "<config>", base: Path | None =
         raise ck.fail("[model] threshold", f"must be between 0 and 1, got {model.threshold:g}")
 
     callers = tuple(_entries(ck, data, "callers", Caller))
-    seen: set[tuple[str, str | None]] = set()
+    seen: set[tuple[str, str | None]] = set()  # titles compare without padding, as in Caller.admits
     for i, c in enumerate(callers):
         where = f"[[callers]] #{i + 1}"
         if (p := ae_title_problem(c.ae_title)) is not None:
             raise ck.fail(f"{where} ae_title", p)
         if c.host is not None and (p := host_problem(c.host)) is not None:
             raise ck.fail(f"{where} host", p)
-        if (c.ae_title, c.host) in seen:
+        if (c.ae_title.strip(), c.host) in seen:
             raise ck.fail(f"{where} ae_title", f"{c.ae_title!r} is listed twice")
-        seen.add((c.ae_title, c.host))
+        seen.add((c.ae_title.strip(), c.host))
 
     destinations = tuple(_entries(ck, data, "destinations", Destination))
     names: set[str] = set()

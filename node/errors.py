@@ -14,6 +14,10 @@ class ConfigError(AinodeError):
     """
 
 
+class AdminError(AinodeError):
+    """An admin command got input it cannot act on (bad value, unknown name)."""
+
+
 class StoreError(AinodeError):
     """An instance could not be stored."""
 

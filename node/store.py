@@ -56,14 +56,24 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
+def write_atomic(
+    path: Path, data: bytes, tmp_dir: Path | None = None, mode: int | None = None, owner: tuple[int, int] | None = None
+) -> None:
     """Write ``data`` to ``path`` so that a crash leaves the old file or the new one.
 
-    The temp file lives in ``tmp_dir`` (same file system) or beside ``path``.
+    The temp file lives in ``tmp_dir`` (same file system) or beside ``path``;
+    it gets ``mode`` (default 0600) and, where allowed, ``owner`` (uid, gid).
     """
-    fd, tmp = tempfile.mkstemp(dir=tmp_dir or path.parent, prefix=".", suffix=".part")
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir or path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as f:
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)
+            if owner is not None:
+                try:
+                    os.fchown(f.fileno(), *owner)
+                except PermissionError:
+                    logger.debug("%s: cannot keep owner %d:%d", path, *owner)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

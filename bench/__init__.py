@@ -1,0 +1,1 @@
+"""Benchmarks of ainode against real DICOM peers (run as ``python -m bench.NAME``)."""

@@ -1,0 +1,53 @@
+"""The module boundaries of DESIGN.md, enforced."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+HEAVY = {"onnxruntime", "tensorflow", "tf2onnx", "highdicom", "keras", "torch"}
+RECEIVE_PATH = ["node.config", "node.receive", "node.store", "node.completion", "node.enqueue", "node.serve", "node.cli"]
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module a file imports, at any depth (function-level imports included).
+
+    ``from a import b`` counts as ``a.b``: b may be a module or a name in a.
+    """
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return found
+
+
+def test_receive_path_loads_no_heavy_library():
+    code = (
+        "import json, sys\n"
+        f"for m in {RECEIVE_PATH!r}: __import__(m)\n"
+        "from node.cli import build_parser; build_parser()\n"
+        "print(json.dumps(sorted(m for m in sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    loaded = {m.split(".")[0] for m in json.loads(out.stdout)}
+    assert loaded & HEAVY == set()
+    assert "training" not in loaded
+
+
+def test_node_never_imports_training_or_tensorflow():
+    for path in (REPO / "node").rglob("*.py"):
+        bad = {m for m in imports_of(path) if m.split(".")[0] in {"training", "tensorflow", "tf2onnx", "keras"}}
+        assert not bad, f"{path.relative_to(REPO)} imports {sorted(bad)}"
+
+
+def test_training_imports_only_preprocessing_from_node():
+    for path in (REPO / "training").rglob("*.py"):
+        from_node = {m for m in imports_of(path) if m == "node" or m.startswith("node.")}
+        bad = {m for m in from_node if not m.startswith("node.preprocessing")}
+        assert not bad, f"{path.relative_to(REPO)} imports {sorted(bad)} from node"
