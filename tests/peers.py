@@ -237,14 +237,9 @@ class NodeProcess:
 
 
 def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is not alive
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
+    from node.embedded_redis import pid_alive as alive
+
+    return alive(pid)
 
 
 def kill_pid(pid: int) -> None:

@@ -1,0 +1,447 @@
+"""Ingest throughput: ainode against DCMTK storescp, with 1..N concurrent senders.
+
+Each sender is one DCMTK ``storescu`` pushing its own 300-slice CT series
+(distinct Study/Series/SOP UIDs, like several scanners at once) in one
+association. For every receiver and sender count the receiver is started fresh
+on a free 127.0.0.1 port with empty storage, the senders start together, and
+the wall time runs from the first sender's start to the last sender's exit.
+Every sender must exit 0 and every instance must be on disk.
+
+Receivers:
+
+- ``ainode``: ``python -m node serve`` (tests.peers.NodeProcess), embedded Redis,
+  quiet period 600 s so no completion work runs; writes + fsyncs every file.
+- ``storescp``: ``TCP_NODELAY=1 storescp -aet PACS -od DIR PORT`` (no fsync; one
+  association at a time, so concurrent senders queue).
+- ``storescp+B``: the same with ``+B`` (bit-preserving: no dataset decode).
+- ``storescp-fork`` (not in the default list): ``--fork``, one process per association.
+
+Usage::
+
+    .venv/bin/python -m bench.ingest [--slices 300] [--senders 1,4] [--repeat 3] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any, Sequence
+
+from tests.peers import NodeProcess, dcmtk_env, free_port, kill_pid, pid_alive, short_tmp, stop_process
+
+RECEIVERS = ("ainode", "storescp", "storescp+B", "storescp-fork")
+DEFAULT_RECEIVERS = ("ainode", "storescp", "storescp+B")
+READY_TIMEOUT_S = 30.0
+SENDER_TIMEOUT_S = 600.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+MB = 1e6
+
+
+class BenchError(RuntimeError):
+    """A run that cannot be counted: a sender failed, files are missing, a receiver died."""
+
+
+# --------------------------------------------------------------------------- data
+
+
+def make_series(data_dir: Path, senders: int, slices: int) -> list[list[Path]]:
+    """One distinct CT series per sender under ``data_dir/sN``; reused when already complete."""
+    from node.sample import make_lung1_series
+
+    out: list[list[Path]] = []
+    for i in range(senders):
+        d = data_dir / f"s{i}"
+        files = sorted(d.glob("*.dcm")) if d.is_dir() else []
+        if len(files) != slices:
+            shutil.rmtree(d, ignore_errors=True)
+            t = time.perf_counter()
+            files = make_lung1_series(
+                d, n_slices=slices, patient_id=f"AINODE-BENCH-{i + 1}", patient_name=f"BENCH^SCANNER{i + 1}",
+                series_description=f"AINODE BENCH SENDER {i + 1}",
+            )
+            print(f"  wrote series {i + 1}/{senders}: {len(files)} slices in {time.perf_counter() - t:.1f} s",
+                  flush=True)
+        out.append(files)
+    return out
+
+
+# --------------------------------------------------------------------------- CPU from /proc
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rsplit(")", 1)[1].split()  # [0] is field 3 (state)
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            f = _stat_fields(int(entry))
+            if f is not None and f[1] == str(pid):  # field 4: ppid
+                kids.append(int(entry))
+    return kids
+
+
+def tree_cpu_s(pid: int, exclude: Sequence[int] = ()) -> float:
+    """CPU seconds (user + system) of ``pid``, its reaped children and its live descendants not in ``exclude``."""
+    f = _stat_fields(pid)
+    if f is None:
+        return 0.0
+    own = sum(int(f[i]) for i in (11, 12, 13, 14)) / CLK_TCK  # utime stime cutime cstime
+    return own + sum(tree_cpu_s(k, exclude) for k in _children(pid) if k not in exclude)
+
+
+def children_rusage_cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+# --------------------------------------------------------------------------- receivers
+
+
+def wait_ready(aet: str, port: int, proc: subprocess.Popen[Any], what: str) -> None:
+    """Poll echoscu every 50 ms until the receiver answers; fail early if it died."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    cmd = ["echoscu", "-q", "-to", "2", "-ta", "2", "-td", "2", "-aec", aet, "127.0.0.1", str(port)]
+    while True:
+        if proc.poll() is not None:
+            raise BenchError(f"{what} exited with {proc.returncode} before it answered C-ECHO")
+        if subprocess.run(cmd, capture_output=True, timeout=15, env=dcmtk_env()).returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise BenchError(f"{what} did not answer C-ECHO within {READY_TIMEOUT_S:.0f} s")
+        time.sleep(0.05)
+
+
+class Receiver:
+    """A receiver under test: start, where its files land, its PIDs, stop, clean up."""
+
+    name = ""
+    aet = ""
+
+    def __init__(self) -> None:
+        self.workdir = short_tmp("ainode-bench-")
+        self.port = 0
+
+    @property
+    def pid(self) -> int:
+        raise NotImplementedError
+
+    def helper_pids(self) -> list[int]:
+        """Child processes reported separately (ainode's embedded Redis)."""
+        return []
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stored_count(self) -> int:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class Ainode(Receiver):
+    name, aet = "ainode", "AINODE"
+
+    def start(self) -> None:
+        self.node = NodeProcess(self.workdir, quiet=600, max_wait=1200)
+        self.port = self.node.port
+        self.node.start()
+        assert self.node.proc is not None
+        wait_ready(self.aet, self.port, self.node.proc, "ainode")
+
+    @property
+    def pid(self) -> int:
+        assert self.node.proc is not None
+        return self.node.proc.pid
+
+    def helper_pids(self) -> list[int]:
+        pid = self.node.embedded_redis_pid()
+        return [pid] if pid else []
+
+    def stored_count(self) -> int:
+        return len(self.node.stored_files())
+
+    def stop(self) -> None:
+        redis_pid = self.node.embedded_redis_pid()
+        self.node.stop()
+        if redis_pid and pid_alive(redis_pid):  # the node stops it; make sure
+            kill_pid(redis_pid)
+
+
+class Storescp(Receiver):
+    aet = "PACS"
+
+    def __init__(self, name: str, extra: Sequence[str]) -> None:
+        super().__init__()
+        self.name, self.extra = name, list(extra)
+        self.out = self.workdir / "out"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.out.mkdir()
+        self.port = free_port()  # storescp listens on 0.0.0.0; we only send to 127.0.0.1
+        with open(self.workdir / "storescp.log", "wb") as log:
+            self.proc = subprocess.Popen(
+                ["storescp", "-aet", self.aet, "-od", str(self.out), *self.extra, str(self.port)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=dcmtk_env(),
+            )
+        wait_ready(self.aet, self.port, self.proc, self.name)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stored_count(self) -> int:
+        return sum(1 for e in os.scandir(self.out) if e.is_file())
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            kids = _children(self.proc.pid)  # --fork children, normally gone by now
+            stop_process(self.proc, timeout=10)
+            for k in kids:
+                if pid_alive(k):
+                    kill_pid(k)
+            self.proc = None
+
+
+def make_receiver(name: str) -> Receiver:
+    if name == "ainode":
+        return Ainode()
+    if name == "storescp":
+        return Storescp(name, [])
+    if name == "storescp+B":
+        return Storescp(name, ["+B"])
+    if name == "storescp-fork":
+        return Storescp(name, ["--fork"])
+    raise ValueError(f'unknown receiver "{name}"; choose from {", ".join(RECEIVERS)}')
+
+
+# --------------------------------------------------------------------------- one run
+
+
+@dataclass
+class Run:
+    receiver: str
+    senders: int
+    repeat: int
+    images: int
+    bytes: int
+    wall_s: float
+    images_per_s: float
+    mb_per_s: float
+    receiver_cpu_s: float
+    helper_cpu_s: float  # ainode's embedded Redis
+    senders_cpu_s: float
+    load1_before: float  # 1-minute load average when the run started: others' work on the machine
+
+
+def run_once(name: str, series: list[list[Path]], repeat: int, logdir: Path) -> Run:
+    """Start a fresh receiver, push every series at once, stop it; one measured run."""
+    n = len(series)
+    images = sum(len(s) for s in series)
+    nbytes = sum(p.stat().st_size for s in series for p in s)
+    rx = make_receiver(name)
+    procs: list[subprocess.Popen[bytes]] = []
+    logs = []
+    try:
+        load1 = os.getloadavg()[0]
+        rx.start()
+        helpers = rx.helper_pids()
+        cpu0 = tree_cpu_s(rx.pid, exclude=helpers)
+        hcpu0 = sum(tree_cpu_s(h) for h in helpers)
+        scpu0 = children_rusage_cpu_s()
+        t0 = time.perf_counter()
+        for i, files in enumerate(series):
+            log = open(logdir / f"{name}-{n}-{repeat}-sender{i}.log", "wb")
+            logs.append(log)
+            procs.append(subprocess.Popen(
+                ["storescu", "-aet", f"SCANNER{i + 1}", "-aec", rx.aet, "-to", "30", "-ta", "30", "-td", "60",
+                 "127.0.0.1", str(rx.port), *map(str, files)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=dcmtk_env(),
+            ))
+        deadline = time.monotonic() + SENDER_TIMEOUT_S
+        for p in procs:
+            try:
+                p.wait(max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise BenchError(f"{name}: a sender ran past {SENDER_TIMEOUT_S:.0f} s") from None
+        wall = time.perf_counter() - t0
+        scpu = children_rusage_cpu_s() - scpu0
+        cpu = tree_cpu_s(rx.pid, exclude=helpers) - cpu0
+        hcpu = sum(tree_cpu_s(h) for h in helpers) - hcpu0
+        for i, p in enumerate(procs):
+            if p.returncode != 0:
+                tail = (logdir / f"{name}-{n}-{repeat}-sender{i}.log").read_text(errors="replace")[-2000:]
+                raise BenchError(f"{name}: sender {i + 1} exited with {p.returncode}:\n{tail}")
+        stored = rx.stored_count()
+        if stored != images:
+            raise BenchError(f"{name}: {stored} files on disk after sending {images}")
+        return Run(name, n, repeat, images, nbytes, wall, images / wall, nbytes / MB / wall, cpu, hcpu, scpu, load1)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+        for log in logs:
+            log.close()
+        rx.stop()
+        rx.cleanup()
+        os.sync()  # the next run must not pay for this run's dirty pages
+
+
+# --------------------------------------------------------------------------- report
+
+
+def medians(runs: list[Run]) -> list[dict[str, Any]]:
+    keys: list[tuple[str, int]] = []
+    for r in runs:
+        if (r.receiver, r.senders) not in keys:
+            keys.append((r.receiver, r.senders))
+    out = []
+    for rec, n in keys:
+        group = [r for r in runs if r.receiver == rec and r.senders == n]
+        row: dict[str, Any] = {"receiver": rec, "senders": n, "runs": len(group), "images": group[0].images,
+                               "bytes": group[0].bytes}
+        for f in ("wall_s", "images_per_s", "mb_per_s", "receiver_cpu_s", "helper_cpu_s", "senders_cpu_s"):
+            row[f] = statistics.median(getattr(r, f) for r in group)
+        row["images_per_s_range"] = [min(r.images_per_s for r in group), max(r.images_per_s for r in group)]
+        out.append(row)
+    return out
+
+
+def ratios(rows: list[dict[str, Any]], base: str = "storescp") -> dict[str, float]:
+    by = {(r["receiver"], r["senders"]): r for r in rows}
+    out = {}
+    for (rec, n), row in by.items():
+        if rec == "ainode" and (base, n) in by:
+            out[f"ainode/{base} images/s, {n} sender(s)"] = row["images_per_s"] / by[(base, n)]["images_per_s"]
+    return out
+
+
+def print_table(rows: list[dict[str, Any]], rat: dict[str, float]) -> None:
+    head = f"{'receiver':<14} {'senders':>7} {'images':>6} {'images/s':>9} {'(min-max)':>11} {'MB/s':>7} " \
+           f"{'wall s':>7} {'recv CPU s':>10} {'redis CPU s':>11} {'senders CPU s':>13}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        lo, hi = r["images_per_s_range"]
+        redis = f"{r['helper_cpu_s']:.2f}" if r["receiver"] == "ainode" else "-"
+        print(f"{r['receiver']:<14} {r['senders']:>7} {r['images']:>6} {r['images_per_s']:>9.0f} "
+              f"{f'{lo:.0f}-{hi:.0f}':>11} {r['mb_per_s']:>7.1f} {r['wall_s']:>7.2f} {r['receiver_cpu_s']:>10.2f} "
+              f"{redis:>11} {r['senders_cpu_s']:>13.2f}")
+    for k, v in rat.items():
+        print(f"{k}: {v:.2f}")
+
+
+NOTES = [
+    "median of the runs; MB = 10^6 bytes of the sent files; wall = first sender start to last sender exit",
+    "ainode writes each file to tmp/, fsyncs it, renames it and fsyncs the folder; storescp does not fsync",
+    "storescp (without --fork) serves one association at a time: concurrent senders queue",
+    "receiver CPU excludes ainode's embedded Redis (own column); senders CPU = all storescu processes",
+]
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _on_term(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the finally blocks: everything is stopped
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--slices", type=int, default=300, help="slices per series (default 300)")
+    parser.add_argument("--senders", default="1,4", help="comma-separated sender counts (default 1,4)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per receiver and sender count (default 3)")
+    parser.add_argument("--receivers", default=",".join(DEFAULT_RECEIVERS),
+                        help=f"comma-separated, from {', '.join(RECEIVERS)} (default {','.join(DEFAULT_RECEIVERS)})")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="keep the series in this folder and reuse them (default: a temp folder, removed)")
+    parser.add_argument("--json", type=Path, default=None, help="write the figures to this file")
+    args = parser.parse_args(argv)
+    try:
+        counts = sorted({int(x) for x in args.senders.split(",") if x.strip()})
+    except ValueError:
+        parser.error(f'--senders must be comma-separated integers, got "{args.senders}"')
+    receivers = [r.strip() for r in args.receivers.split(",") if r.strip()]
+    for r in receivers:
+        if r not in RECEIVERS:
+            parser.error(f'--receivers: unknown receiver "{r}"; choose from {", ".join(RECEIVERS)}')
+    if not counts or min(counts) < 1 or args.slices < 1 or args.repeat < 1:
+        parser.error("--senders, --slices and --repeat must be at least 1")
+    for tool in ("storescu", "storescp", "echoscu"):
+        if shutil.which(tool) is None:
+            print(f"error: {tool} not found: install dcmtk", file=sys.stderr)
+            return 1
+
+    signal.signal(signal.SIGTERM, _on_term)
+    runs: list[Run] = []
+    with ExitStack() as stack:
+        if args.data is None:
+            data = Path(tempfile.mkdtemp(prefix="ainode-bench-data-"))
+            stack.callback(shutil.rmtree, data, True)
+        else:
+            data = args.data
+            data.mkdir(parents=True, exist_ok=True)
+        logdir = Path(tempfile.mkdtemp(prefix="ainode-bench-logs-"))
+        stack.callback(shutil.rmtree, logdir, True)
+        print(f"making {max(counts)} series of {args.slices} slices in {data}", flush=True)
+        series = make_series(data, max(counts), args.slices)
+        try:
+            for rep in range(args.repeat):  # repeats outermost, so drift hits every receiver alike
+                for name in receivers:
+                    for n in counts:
+                        r = run_once(name, series[:n], rep, logdir)
+                        runs.append(r)
+                        print(f"  run {rep + 1}/{args.repeat} {name:<13} {n} sender(s): {r.images_per_s:6.0f} img/s "
+                              f"{r.mb_per_s:6.1f} MB/s  wall {r.wall_s:5.2f} s  CPU {r.receiver_cpu_s:5.2f} s  "
+                              f"load {r.load1_before:.2f}",
+                              flush=True)
+        except (BenchError, AssertionError) as exc:  # AssertionError: tests.peers timed out
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+
+    rows = medians(runs)
+    rat = ratios(rows)
+    print()
+    print(f"{platform.node()}: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+          f"{args.slices} slices per sender, median of {args.repeat}")
+    print_table(rows, rat)
+    for note in NOTES:
+        print(f"  note: {note}")
+    if args.json is not None:
+        args.json.write_text(json.dumps({
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+            "params": {"slices": args.slices, "senders": counts, "repeat": args.repeat, "receivers": receivers},
+            "median": rows, "ratios": rat, "runs": [asdict(r) for r in runs], "notes": NOTES,
+        }, indent=2) + "\n")
+        print(f"figures written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
