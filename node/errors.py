@@ -28,3 +28,18 @@ class InvalidUIDError(StoreError):
 
 class RedisUnavailableError(AinodeError):
     """The Redis server could not be started or reached."""
+
+
+class NoUsableSeriesError(AinodeError):
+    """A study has no series the model can analyse (not CT, localizer only...).
+
+    The message is the reason recorded for the study.
+    """
+
+
+class VolumeError(AinodeError):
+    """A series cannot be turned into a volume (inconsistent slices, bad pixel data)."""
+
+
+class ModelError(AinodeError):
+    """The model or its card is missing, does not match, or cannot run as configured."""

@@ -1,0 +1,96 @@
+"""The model card: the JSON file beside every exported model.
+
+``model.onnx`` has its card in ``model.card.json``. Training writes it; the
+worker reads it and refuses a model whose card does not match its file
+(sha256) or the node's preprocessing (``PREPROCESSING_VERSION``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from node.errors import ModelError
+
+CARD_SUFFIX = ".card.json"
+
+
+def card_path(model_path: Path) -> Path:
+    """``x/model.onnx`` -> ``x/model.card.json``."""
+    return model_path.with_name(model_path.stem + CARD_SUFFIX)
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a model is, what it expects and how good it is."""
+
+    name: str
+    version: str
+    sha256: str  # of the .onnx file
+    input_name: str
+    input_shape: list[Any]  # [None, size, size, channels], NHWC
+    output_name: str
+    preprocessing_version: str
+    size: int  # input height = width, pixels
+    context: int  # neighbouring slices on each side (channels = 2 * context + 1)
+    window: list[float]  # [center, width] HU
+    threshold: float  # on the study score, for the qualitative result
+    threshold_method: str  # how the threshold was chosen
+    aggregation: str  # how slice scores become the study score
+    classes: list[str] = field(default_factory=lambda: ["benign", "malignant"])  # output = P(classes[1])
+    input_dtype: str = "float32"
+    intended_use: str = ""
+    training_data: str = ""  # provenance, in words
+    metrics: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+    created: str = ""  # ISO 8601 date
+    versions: dict[str, str] = field(default_factory=dict)  # tensorflow, tf2onnx, onnx, ...
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    def write(self, model_path: Path) -> Path:
+        path = card_path(model_path)
+        path.write_text(self.to_json())
+        return path
+
+    @classmethod
+    def read(cls, model_path: Path) -> "ModelCard":
+        """The card beside ``model_path``; ModelError naming the file and key if it is unusable."""
+        path = card_path(model_path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ModelError(f"{path}: model card missing") from None
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"{path}: unreadable model card: {exc}") from None
+        known = set(cls.__dataclass_fields__)
+        missing = [k for k, f in cls.__dataclass_fields__.items() if k not in data and f.default is f.default_factory]  # type: ignore[misc]
+        if missing:
+            raise ModelError(f"{path}: model card lacks {', '.join(missing)}")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def check(self, model_path: Path, preprocessing_version: str) -> None:
+        """Raise ModelError if the file's hash or the preprocessing version do not match."""
+        if self.preprocessing_version != preprocessing_version:
+            raise ModelError(
+                f"{card_path(model_path)}: model was trained with preprocessing version "
+                f"{self.preprocessing_version!r}, this node has {preprocessing_version!r}"
+            )
+        actual = sha256_of(model_path)
+        if actual != self.sha256:
+            raise ModelError(f"{model_path}: sha256 {actual[:12]}... does not match its card ({self.sha256[:12]}...)")
+        if self.input_shape[-1] != 2 * self.context + 1 or self.input_shape[1:3] != [self.size, self.size]:
+            raise ModelError(f"{card_path(model_path)}: input_shape {self.input_shape} does not match size/context")

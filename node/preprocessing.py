@@ -1,0 +1,105 @@
+"""What the CNN sees: HU slices windowed, resized and stacked. numpy only.
+
+This module is the single source of preprocessing: ``training`` imports it, the
+worker imports it, and a model card names the ``PREPROCESSING_VERSION`` it was
+trained with (the node refuses a model whose card names another).
+
+Input: a volume of HU values, shape (z, y, x), slices sorted along the slice
+normal. Output: float32 batches, shape (n, size, size, channels), NHWC as
+TensorFlow (and its ONNX export) expects, values in [0, 1]. With ``context``
+k > 0 each slice gets its k neighbours on both sides as extra channels (2.5D),
+repeated at the volume's ends.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+#: Bump when any output of this module changes for the same input.
+PREPROCESSING_VERSION = "1"
+
+#: The lung window (center, width) in HU.
+LUNG_WINDOW = (-600.0, 1500.0)
+
+
+def window(hu: np.ndarray, center: float = LUNG_WINDOW[0], width: float = LUNG_WINDOW[1]) -> np.ndarray:
+    """Map HU to [0, 1] through a window (values outside are clipped), as float32."""
+    if width <= 0:
+        raise ValueError(f'Argument "width" must be more than 0, got {width}')
+    lo = center - width / 2.0
+    out = (np.asarray(hu, dtype=np.float32) - np.float32(lo)) / np.float32(width)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def _axis_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights of a linear resize along one axis (half-pixel centres)."""
+    scale = n_in / n_out
+    src = (np.arange(n_out, dtype=np.float64) + 0.5) * scale - 0.5
+    src = np.clip(src, 0.0, n_in - 1)
+    i0 = np.floor(src).astype(np.intp)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w1 = (src - i0).astype(np.float32)
+    return i0, i1, w1
+
+
+def _box_average(images: np.ndarray, fy: int, fx: int) -> np.ndarray:
+    """Average non-overlapping fy x fx blocks (the trailing rows/columns that don't fill one are dropped)."""
+    n, h, w = images.shape
+    h2, w2 = h // fy, w // fx
+    cut = images[:, : h2 * fy, : w2 * fx]
+    return cut.reshape(n, h2, fy, w2, fx).mean(axis=(2, 4), dtype=np.float32)
+
+
+def resize(images: np.ndarray, size: int) -> np.ndarray:
+    """Resize a stack (n, h, w) to (n, size, size), float32.
+
+    Downscaling first averages whole blocks (so a 512 to 224 resize does not
+    alias), then interpolates linearly with half-pixel centres.
+    """
+    if images.ndim != 3:
+        raise ValueError(f'Argument "images" must have shape (n, h, w), got {images.shape}')
+    if size < 1:
+        raise ValueError(f'Argument "size" must be at least 1, got {size}')
+    stack = np.asarray(images, dtype=np.float32)
+    fy, fx = max(1, stack.shape[1] // size), max(1, stack.shape[2] // size)
+    if fy > 1 or fx > 1:
+        stack = _box_average(stack, fy, fx)
+    n, h, w = stack.shape
+    if (h, w) == (size, size):
+        return np.ascontiguousarray(stack)
+    y0, y1, wy = _axis_weights(h, size)
+    x0, x1, wx = _axis_weights(w, size)
+    rows = stack[:, y0, :] * (1 - wy)[None, :, None] + stack[:, y1, :] * wy[None, :, None]
+    return rows[:, :, x0] * (1 - wx)[None, None, :] + rows[:, :, x1] * wx[None, None, :]
+
+
+def prepare_slices(
+    volume_hu: np.ndarray,
+    indices: Sequence[int] | None = None,
+    *,
+    size: int = 224,
+    context: int = 0,
+    hu_window: tuple[float, float] = LUNG_WINDOW,
+) -> np.ndarray:
+    """The model input for the slices ``indices`` (default: all) of a (z, y, x) HU volume.
+
+    Returns float32 of shape (len(indices), size, size, 2 * context + 1).
+    Work is per requested slice, so a caller can go through a long volume in
+    batches with bounded memory.
+    """
+    if volume_hu.ndim != 3:
+        raise ValueError(f'Argument "volume_hu" must have shape (z, y, x), got {volume_hu.shape}')
+    if context < 0:
+        raise ValueError(f'Argument "context" must be 0 or more, got {context}')
+    depth = volume_hu.shape[0]
+    idx = np.arange(depth) if indices is None else np.asarray(indices, dtype=np.intp)
+    if idx.size and (idx.min() < 0 or idx.max() >= depth):
+        raise IndexError(f"slice index out of range 0..{depth - 1}")
+    offsets = np.arange(-context, context + 1)
+    needed = np.clip(idx[:, None] + offsets[None, :], 0, depth - 1)  # (n, channels)
+    unique, inverse = np.unique(needed, return_inverse=True)
+    prepared = resize(window(volume_hu[unique], *hu_window), size)  # each source slice once
+    out = prepared[inverse.reshape(needed.shape)]  # (n, channels, size, size)
+    return np.ascontiguousarray(out.transpose(0, 2, 3, 1))
