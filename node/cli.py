@@ -41,7 +41,51 @@ def _serve(args: argparse.Namespace) -> int:
             {"node": {**{k: v for k, v in node.__dict__.items()}, "storage": str(node.storage)}}, "command line"
         )
         cfg = replace(cfg, node=node)
-    return serve(cfg)
+    return serve(cfg, args.workers, args.log_level)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from node.worker import run_worker
+
+    cfg = config_mod.load(args.config)
+    if args.storage is not None:
+        cfg = replace(cfg, node=replace(cfg.node, storage=Path(args.storage).resolve()))
+    return run_worker(cfg, args.role, burst=args.burst)
+
+
+def _results_list(args: argparse.Namespace) -> int:
+    import json
+
+    from node.results import list_states
+    from node.store import Storage
+    from node.worker import redis_for
+
+    cfg = config_mod.load(args.config)
+    states = list_states(Storage(cfg.node.storage), cfg, redis_for(cfg))
+    if args.json:
+        print(json.dumps([s.to_json() for s in states], indent=1))
+        return 0
+    if not states:
+        print(f"no studies in {cfg.node.storage}")
+    for s in states:
+        print(f"{s.study_uid}  r{s.revision}  {s.instances:5d} inst  {s.state:9s}  {s.detail}")
+    return 0
+
+
+def _results_resend(args: argparse.Namespace) -> int:
+    from node.results import resend
+    from node.store import Storage, check_uid
+    from node.worker import redis_for
+
+    cfg = config_mod.load(args.config)
+    try:
+        jobs = resend(Storage(cfg.node.storage), cfg, redis_for(cfg), check_uid(args.study_uid), args.dest)
+    except LookupError as exc:
+        print(f"ainode: error: {exc.args[0]}", file=sys.stderr)
+        return 2
+    for jid in jobs:
+        print(f"queued {jid}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +108,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="listen address (overrides [node] host)")
     p.add_argument("--port", type=int, help="listen port (overrides [node] port)")
     p.add_argument("--storage", help="storage folder (overrides [node] storage)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="analysis workers to run beside the SCP, plus one sender (default 1; -1: none)")
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("worker", help="run one worker (analyse studies, or send results)")
+    p.add_argument("--role", choices=["analyse", "send"], default="analyse")
+    p.add_argument("--storage", help="storage folder (overrides [node] storage)")
+    p.add_argument("--burst", action="store_true", help="stop when the queue is empty")
+    p.set_defaults(func=_worker)
+
+    p = sub.add_parser("results", help="what happened to each study")
+    rsub = p.add_subparsers(dest="results_command", required=True, metavar="ACTION")
+    q = rsub.add_parser("list", help="each study's state: received, queued, analysed, sent, failed (+ reason)")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=_results_list)
+    q = rsub.add_parser("resend", help="send a study's latest result again")
+    q.add_argument("study_uid")
+    q.add_argument("--dest", help="only this destination")
+    q.set_defaults(func=_results_resend)
 
     from node import admin
 

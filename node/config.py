@@ -17,7 +17,7 @@ import logging
 import os
 import re
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -36,6 +36,7 @@ CHECKOUT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "ainode.to
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 _DEST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DEVICES = ("auto", "cpu", "cuda")
+SR_CLASSES = ("comprehensive", "enhanced", "comprehensive3d")
 
 
 def ae_title_problem(value: object) -> str | None:
@@ -140,6 +141,16 @@ class Destination:
     ae_title: str
     host: str
     port: int
+    sr_class: str = "comprehensive"  # comprehensive | enhanced | comprehensive3d
+
+
+@dataclass(frozen=True)
+class SendConfig:
+    """``[send]``: delivery of results to the destinations."""
+
+    retry_hours: float = 24.0  # keep retrying with back-off this long, then dead-letter
+    retry_first_seconds: float = 30.0  # the first back-off interval; each next one doubles (at most 1 h)
+    timeout_seconds: float = 30.0  # per network operation
 
 
 @dataclass(frozen=True)
@@ -152,6 +163,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     callers: tuple[Caller, ...] = ()
     destinations: tuple[Destination, ...] = ()
+    send: SendConfig = field(default_factory=SendConfig)
     source: Path | None = None
 
     def destination(self, name: str) -> Destination | None:
@@ -219,7 +231,7 @@ def parse(data: Mapping[str, Any], origin: str = "<config>", base: Path | None =
     made absolute against ``base`` (default: the current directory).
     """
     ck = _Checker(origin)
-    sections = {"node", "completion", "redis", "model", "callers", "destinations"}
+    sections = {"node", "completion", "redis", "model", "callers", "destinations", "send"}
     for key in data:
         if key not in sections:
             raise ck.fail(f"[{key}]", f"unknown section (known: {', '.join(sorted(sections))})")
@@ -288,8 +300,21 @@ def parse(data: Mapping[str, Any], origin: str = "<config>", base: Path | None =
             raise ck.fail(f"{where} host", p)
         if (p := port_problem(d.port)) is not None:
             raise ck.fail(f"{where} port", p)
+        if d.sr_class not in SR_CLASSES:
+            raise ck.fail(f"{where} sr_class", f"must be one of {', '.join(SR_CLASSES)}, got {d.sr_class!r}")
 
-    return Config(node, completion, redis_cfg, model, callers, destinations, None)
+    send = ck.build(SendConfig, ck.table(data, "send"), "[send]")
+    if send.retry_hours < 0:
+        raise ck.fail("[send] retry_hours", f"must be 0 or more, got {send.retry_hours:g}")
+    if send.retry_first_seconds < 1:
+        raise ck.fail("[send] retry_first_seconds", f"must be at least 1, got {send.retry_first_seconds:g}")
+    if send.timeout_seconds <= 0:
+        raise ck.fail("[send] timeout_seconds", f"must be more than 0, got {send.timeout_seconds:g}")
+
+    return Config(
+        node=node, completion=completion, redis=redis_cfg, model=model,
+        callers=callers, destinations=destinations, send=send,
+    )
 
 
 def _entries(ck: _Checker, data: Mapping[str, Any], name: str, cls: type) -> list[Any]:
@@ -346,6 +371,6 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
     except UnicodeDecodeError:
         raise ConfigError(f"{source}: not UTF-8 text") from None
     cfg = parse_text(text, str(source))
-    cfg = Config(cfg.node, cfg.completion, cfg.redis, cfg.model, cfg.callers, cfg.destinations, source.resolve())
+    cfg = replace(cfg, source=source.resolve())
     logger.debug("Config from %s: %s", source, cfg)
     return cfg

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -29,6 +31,58 @@ logger = logging.getLogger(__name__)
 
 TICK_S = 0.25
 DRAIN_S = 30.0
+WORKER_STOP_S = 60.0
+WORKER_RESTART_S = 10.0
+
+
+class WorkerPool:
+    """The worker processes ``ainode serve`` runs beside the SCP: one sender, N analysers.
+
+    A worker that dies is started again (at most every WORKER_RESTART_S);
+    at stop each gets SIGTERM (rq finishes the job in hand) and then SIGKILL.
+    """
+
+    def __init__(self, cfg: Config, analysers: int, log_level: str) -> None:
+        self.cfg = cfg
+        self.roles = ["send"] + ["analyse"] * analysers
+        self.log_level = log_level
+        self.procs: list[subprocess.Popen[bytes] | None] = [None] * len(self.roles)
+        self.started_at = [0.0] * len(self.roles)
+
+    def _command(self, role: str) -> list[str]:
+        cmd = [sys.executable, "-m", "node", "--log-level", self.log_level]
+        if self.cfg.source is not None:
+            cmd += ["--config", str(self.cfg.source)]
+        return cmd + ["worker", "--role", role, "--storage", str(self.cfg.node.storage)]
+
+    def check(self) -> None:
+        """Start workers that are not running (again)."""
+        now = time.monotonic()
+        for i, role in enumerate(self.roles):
+            proc = self.procs[i]
+            if proc is not None and proc.poll() is None:
+                continue
+            if proc is not None:
+                logger.error("Worker %d (%s, pid %d) exited with code %s", i, role, proc.pid, proc.returncode)
+            if now - self.started_at[i] < WORKER_RESTART_S:
+                continue
+            self.procs[i] = subprocess.Popen(self._command(role), stdin=subprocess.DEVNULL)
+            self.started_at[i] = now
+            logger.info("Worker %d (%s) started, pid %d", i, role, self.procs[i].pid)  # type: ignore[union-attr]
+
+    def stop(self) -> None:
+        live = [p for p in self.procs if p is not None and p.poll() is None]
+        for p in live:
+            p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + WORKER_STOP_S
+        for p in live:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.error("Worker pid %d did not stop in %.0f s: killing it", p.pid, WORKER_STOP_S)
+                p.kill()
+                p.wait()
+        self.procs = [None] * len(self.roles)
 
 
 def connect_redis(cfg: Config) -> tuple[Redis, EmbeddedRedis | None]:
@@ -43,8 +97,9 @@ def connect_redis(cfg: Config) -> tuple[Redis, EmbeddedRedis | None]:
 class Node:
     """The receiving node, from start to a clean stop."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, workers: int = 1, log_level: str = "INFO") -> None:
         self.cfg = cfg
+        self.pool = WorkerPool(cfg, workers, log_level) if workers >= 0 else None
         self.stop_requested = threading.Event()
         self.reload_requested = threading.Event()
         self.storage = Storage(cfg.node.storage)
@@ -65,6 +120,8 @@ class Node:
         )
         if not cfg.callers:
             logger.warning("No [[callers]] configured: any calling AE title is accepted")
+        if self.pool is not None:
+            self.pool.check()
         logger.info(
             "ainode listening as %s on %s:%d, storage %s, Redis %s",
             cfg.node.ae_title, cfg.node.host, cfg.node.port, cfg.node.storage,
@@ -79,6 +136,8 @@ class Node:
                 self.reload()
             if self.embedded is not None:
                 self.embedded.ensure_running()
+            if self.pool is not None:
+                self.pool.check()
             self.completion.tick()
             self.stop_requested.wait(TICK_S)
 
@@ -122,6 +181,8 @@ class Node:
                 for assoc in self.ae.active_associations:
                     assoc.abort()
             self.server = None
+        if self.pool is not None:
+            self.pool.stop()
         if self.embedded is not None:
             self.embedded.stop()
         logger.info("ainode stopped")
@@ -149,9 +210,13 @@ def _mask(url: str) -> str:
     return f"{scheme}://{user}:***@{host}"
 
 
-def serve(cfg: Config) -> int:
-    """Run the node until SIGTERM/SIGINT; returns the exit code."""
-    node = Node(cfg)
+def serve(cfg: Config, workers: int = 1, log_level: str = "INFO") -> int:
+    """Run the node until SIGTERM/SIGINT; returns the exit code.
+
+    ``workers``: analysis worker processes to run beside the SCP (plus one
+    sender); -1 runs none at all (workers run elsewhere).
+    """
+    node = Node(cfg, workers, log_level)
     node.install_signal_handlers()
     try:
         node.start()

@@ -4,6 +4,9 @@ Layout under the storage root::
 
     studies/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm   received instances
     state/<StudyUID>/rev-0001.json                        one file per queued revision
+    state/<StudyUID>/rev-0001.outcome.json                its outcome (analysed, no result, failed)
+    state/<StudyUID>/rev-0001.send-<dest>.json            its delivery to one destination
+    results/<StudyUID>/<SOPInstanceUID>.dcm               the SRs made
     tmp/                                                  partial writes (same file system)
     redis/                                                the embedded Redis server
 
@@ -128,10 +131,11 @@ class Storage:
         self.studies = self.root / "studies"
         self.state = self.root / "state"
         self.tmp = self.root / "tmp"
+        self.results = self.root / "results"
 
     def prepare(self) -> None:
         """Create the folders (mode 0700) and remove partial writes left by a crash."""
-        for d in (self.root, self.studies, self.state, self.tmp):
+        for d in (self.root, self.studies, self.state, self.tmp, self.results):
             d.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         removed = 0
         for leftover in self.tmp.iterdir():
@@ -152,13 +156,13 @@ class Storage:
             / f"{check_uid(sop_uid, 'SOP Instance UID')}.dcm"
         )
 
-    def _ensure_dir(self, path: Path) -> None:
+    def ensure_dir(self, path: Path) -> None:
         """Create ``path`` (and its parent) durably if missing."""
         if path.is_dir():
             return
         parent = path.parent
         if not parent.is_dir():
-            self._ensure_dir(parent)
+            self.ensure_dir(parent)
         try:
             path.mkdir(mode=DIR_MODE)
         except FileExistsError:
@@ -173,7 +177,7 @@ class Storage:
         Returns (final path, True if it replaced a file of the same SOP Instance UID).
         """
         final = self.instance_path(study_uid, series_uid, sop_uid)
-        self._ensure_dir(final.parent)
+        self.ensure_dir(final.parent)
         replaced = final.exists()
         fd, tmp = tempfile.mkstemp(dir=self.tmp, suffix=".part")
         try:
@@ -262,7 +266,7 @@ class Storage:
     def write_revision(self, rev: Revision) -> Path:
         """Record a revision durably (before its job is queued)."""
         path = self.revision_path(rev.study_uid, rev.revision)
-        self._ensure_dir(path.parent)
+        self.ensure_dir(path.parent)
         write_atomic(path, json.dumps(rev.to_json(), indent=1).encode(), self.tmp)
         return path
 

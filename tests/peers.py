@@ -140,7 +140,7 @@ class RedisServer:
 
 def write_config(path: Path, *, port: int, storage: Path, redis_url: str = "", quiet: float = 1.0,
                  max_wait: float = 1800, min_free_mb: int = 1, callers: Iterable[tuple[str, str | None]] = (),
-                 ae_title: str = "AINODE") -> Path:
+                 ae_title: str = "AINODE", extra: str = "") -> Path:
     """A config file for a test node."""
     lines = [
         "[node]",
@@ -157,7 +157,7 @@ def write_config(path: Path, *, port: int, storage: Path, redis_url: str = "", q
     ]
     for ae, host in callers:
         lines += ["[[callers]]", f'ae_title = "{ae}"'] + ([f'host = "{host}"'] if host else [])
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n" + extra)
     return path
 
 
@@ -165,13 +165,15 @@ class NodeProcess:
     """``ainode serve`` as a subprocess on a free port, with its log in a file."""
 
     def __init__(self, workdir: Path, *, redis_url: str = "", quiet: float = 1.0, max_wait: float = 1800,
-                 min_free_mb: int = 1, callers: Iterable[tuple[str, str | None]] = (), port: int | None = None) -> None:
+                 min_free_mb: int = 1, callers: Iterable[tuple[str, str | None]] = (), port: int | None = None,
+                 workers: int = -1, extra_config: str = "") -> None:
         self.workdir = workdir
+        self.workers = workers
         self.port = port or free_port()
         self.storage = workdir / "storage"
         self.config = write_config(
             workdir / "ainode.toml", port=self.port, storage=self.storage, redis_url=redis_url, quiet=quiet,
-            max_wait=max_wait, min_free_mb=min_free_mb, callers=callers,
+            max_wait=max_wait, min_free_mb=min_free_mb, callers=callers, extra=extra_config,
         )
         self.log = workdir / "node.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -182,7 +184,8 @@ class NodeProcess:
         self._log_start = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "node", "--config", str(self.config), "--log-level", "DEBUG", "serve"],
+                [sys.executable, "-m", "node", "--config", str(self.config), "--log-level", "DEBUG", "serve",
+                 "--workers", str(self.workers)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.workdir, env=env,
             )
         wait_until(self._ready, READY_TIMEOUT_S, f"ainode on port {self.port}")

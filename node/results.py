@@ -1,0 +1,106 @@
+"""What happened to each study: ``ainode results list`` and ``ainode results resend``.
+
+Read from the files (the truth) and, for jobs still in flight, from rq.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from redis import Redis
+from redis.exceptions import RedisError
+from rq.job import Job
+
+from node.config import Config
+from node.enqueue import job_id
+from node.send import enqueue_send, read_send_state
+from node.store import Storage
+from node.worker import read_outcome
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StudyState:
+    study_uid: str
+    instances: int
+    revision: int
+    state: str  # received | queued | running | analysed | sent | no_result | failed
+    detail: str
+    score: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _job_status(redis: Redis | None, jid: str) -> tuple[str, str]:
+    if redis is None:
+        return "queued", "Redis unreachable"
+    try:
+        job = Job.fetch(jid, connection=redis)
+    except Exception:  # NoSuchJobError, or a job rq cannot read back
+        return "queued", "job not in Redis (the node queues it again)"
+    status = str(job.get_status(refresh=False) or "queued")
+    if status == "failed":
+        lines = (job.latest_result().exc_string if job.latest_result() else "") or ""
+        return "failed", (lines.strip().splitlines() or ["failed"])[-1]
+    return ("running" if status == "started" else "queued"), f"job {status}"
+
+
+def study_state(storage: Storage, cfg: Config, redis: Redis | None, study_uid: str) -> StudyState:
+    """The state of one study, from disk first."""
+    instances = len(storage.instances(study_uid))
+    revisions = storage.revisions(study_uid)
+    if not revisions:
+        return StudyState(study_uid, instances, 0, "received", "waiting for the quiet period")
+    rev = revisions[-1]
+    outcome = read_outcome(storage, study_uid, rev)
+    if outcome is None:
+        state, detail = _job_status(redis, job_id(study_uid, rev))
+        return StudyState(study_uid, instances, rev, state, detail)
+    if outcome["status"] != "analysed":
+        return StudyState(study_uid, instances, rev, outcome["status"], outcome.get("reason", ""))
+    result = outcome["result"]
+    sends = []
+    worst = "sent"
+    for dest in cfg.destinations:
+        s = read_send_state(storage, study_uid, rev, dest.name) or {"status": "queued"}
+        if s["status"] == "sent":
+            sends.append(f"{dest.name}: sent")
+        else:
+            err = f" ({s.get('last_error')})" if s.get("last_error") else ""
+            sends.append(f"{dest.name}: {s['status']}{err}")
+            worst = "failed" if s["status"] == "dead" else ("analysed" if worst != "failed" else worst)
+    if not cfg.destinations:
+        worst = "analysed"
+        sends.append("no destinations configured")
+    detail = f"score {result['score']:.3f} ({'positive' if result['positive'] else 'negative'}); " + "; ".join(sends)
+    return StudyState(study_uid, instances, rev, worst, detail, result["score"])
+
+
+def list_states(storage: Storage, cfg: Config, redis: Redis | None) -> list[StudyState]:
+    if redis is not None:
+        try:
+            redis.ping()
+        except RedisError:
+            redis = None
+    return [study_state(storage, cfg, redis, uid) for uid in storage.study_uids()]
+
+
+def resend(storage: Storage, cfg: Config, redis: Redis, study_uid: str, destination: str | None = None) -> list[str]:
+    """Queue the latest analysed result of a study again; returns the job ids."""
+    for rev in reversed(storage.revisions(study_uid)):
+        outcome = read_outcome(storage, study_uid, rev)
+        if outcome and outcome["status"] == "analysed":
+            break
+    else:
+        raise LookupError(f"study {study_uid} has no analysed result to send")
+    names = [destination] if destination else [d.name for d in cfg.destinations]
+    if not names:
+        raise LookupError("no destinations configured")
+    for name in names:
+        if cfg.destination(name) is None:
+            raise LookupError(f"unknown destination {name!r}")
+    return [enqueue_send(redis, cfg, study_uid, rev, name, force=True) for name in names]

@@ -1,0 +1,175 @@
+"""Send results to the destinations: C-STORE SCU, retries with back-off, dead letter.
+
+Sending is its own rq job per (study revision, destination), on its own queue,
+so a PACS outage retries only the send. A failed send is retried with
+exponential back-off for ``send.retry_hours``; after that it is dead-lettered
+(recorded, kept on disk) and ``ainode results resend`` sends it again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from redis import Redis
+from rq import Queue, Retry, get_current_job
+from rq.job import Job
+
+from node.config import Config, Destination
+from node.errors import AinodeError
+from node.store import Storage, write_atomic
+
+logger = logging.getLogger(__name__)
+
+SEND_QUEUE = "ainode-send"
+SEND_RESULT = "node.send.send_result"
+SUCCESS = 0x0000
+MAX_INTERVAL_S = 3600
+
+
+class SendError(AinodeError):
+    """A result could not be delivered to a destination (this attempt)."""
+
+
+def retry_intervals(retry_hours: float, first_s: float = 30.0) -> list[int]:
+    """Back-off intervals: first_s, doubling, capped at an hour, until retry_hours are covered."""
+    out: list[int] = []
+    total, step = 0.0, max(1.0, first_s)
+    while total < retry_hours * 3600:
+        out.append(int(min(step, MAX_INTERVAL_S)))
+        total += out[-1]
+        step *= 2
+    return out
+
+
+def send_job_id(study_uid: str, revision: int, destination: str) -> str:
+    return f"send_{study_uid.replace('.', '_')}_r{revision}_{re.sub(r'[^A-Za-z0-9_-]', '_', destination)}"
+
+
+def send_state_path(storage: Storage, study_uid: str, revision: int, destination: str) -> Path:
+    """Where the delivery state of one result to one destination is kept."""
+    return storage.revision_path(study_uid, revision).with_name(f"rev-{revision:04d}.send-{destination}.json")
+
+
+def read_send_state(storage: Storage, study_uid: str, revision: int, destination: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(send_state_path(storage, study_uid, revision, destination).read_text())
+    except FileNotFoundError:
+        return None
+
+
+def _write_state(storage: Storage, study_uid: str, revision: int, destination: str, **state: Any) -> None:
+    path = send_state_path(storage, study_uid, revision, destination)
+    write_atomic(path, json.dumps({"destination": destination, **state}, indent=1).encode(), storage.tmp)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    status: int
+    seconds: float
+
+
+def c_store(path: Path, dest: Destination, calling_ae: str, timeout: float) -> Delivery:
+    """Send one Part 10 file by C-STORE; returns the peer's status or raises SendError."""
+    from pynetdicom import AE
+
+    ds = dcmread(path)
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    ae.add_requested_context(ds.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    started = time.monotonic()
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    where = f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port})"
+    if assoc.is_rejected:
+        rsp = assoc.acceptor.primitive
+        reason = getattr(rsp, "reason_str", None) or f"result 0x{getattr(rsp, 'result', 0):02X}"
+        raise SendError(f"{where}: association rejected: {reason}")
+    if not assoc.is_established:
+        raise SendError(f"{where}: no association (refused, aborted or timed out)")
+    try:
+        status = assoc.send_c_store(ds)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if not status or "Status" not in status:
+        raise SendError(f"{where}: no C-STORE response (connection lost or timed out)")
+    code = int(status.Status)
+    if code != SUCCESS and not 0xB000 <= code <= 0xBFFF:
+        comment = status.get("ErrorComment", "")
+        raise SendError(f"{where}: C-STORE failed with status 0x{code:04X} {comment}".rstrip())
+    if code != SUCCESS:
+        logger.warning("%s: C-STORE stored with warning status 0x%04X", where, code)
+    return Delivery(code, time.monotonic() - started)
+
+
+def enqueue_send(
+    redis: Redis, cfg: Config, study_uid: str, revision: int, destination: str, *, force: bool = False
+) -> str:
+    """Queue the delivery of a revision's result to one destination; returns the job id.
+
+    With ``force`` an earlier job of the same id (finished or dead) is replaced.
+    """
+    jid = send_job_id(study_uid, revision, destination)
+    if Job.exists(jid, connection=redis):
+        if not force:
+            return jid
+        Job.fetch(jid, connection=redis).delete()
+    intervals = retry_intervals(cfg.send.retry_hours, cfg.send.retry_first_seconds)
+    Queue(SEND_QUEUE, connection=redis).enqueue(
+        SEND_RESULT,
+        kwargs={"study_uid": study_uid, "revision": revision, "destination": destination, "force": force},
+        job_id=jid,
+        retry=Retry(max=len(intervals), interval=intervals) if intervals else None,
+        job_timeout=int(cfg.send.timeout_seconds * 4 + 60),
+        result_ttl=7 * 24 * 3600,
+        description=f"send study {study_uid} revision {revision} to {destination}",
+    )
+    return jid
+
+
+def send_result(study_uid: str, revision: int, destination: str, force: bool = False) -> str:
+    """The rq job: deliver the SR of one analysed revision to one destination."""
+    from node.worker import context
+
+    ctx = context()
+    storage, cfg = ctx.storage, ctx.cfg
+    previous = read_send_state(storage, study_uid, revision, destination)
+    if previous and previous.get("status") == "sent" and not force:
+        logger.info("Study %s r%d: already sent to %s, not sent again", study_uid, revision, destination)
+        return "already sent"
+    dest = cfg.destination(destination)
+    if dest is None:
+        _write_state(storage, study_uid, revision, destination, status="dropped",
+                     reason="destination no longer configured", at=time.time())
+        logger.warning("Study %s r%d: destination %s is no longer configured; not sent", study_uid, revision, destination)
+        return "dropped"
+    from node.worker import ensure_sr
+
+    path = ensure_sr(ctx, study_uid, revision, dest.sr_class)
+    job = get_current_job()
+    attempts = int((previous or {}).get("attempts", 0)) + 1 if not force else 1
+    try:
+        delivery = c_store(path, dest, cfg.node.ae_title, cfg.send.timeout_seconds)
+    except (SendError, OSError) as exc:
+        last = job is None or not job.retries_left
+        _write_state(storage, study_uid, revision, destination, status="dead" if last else "retrying",
+                     attempts=attempts, last_error=str(exc), at=time.time(), sr=str(path.name))
+        if last:
+            logger.error("Study %s r%d: giving up sending to %s after %d attempts: %s",
+                         study_uid, revision, destination, attempts, exc)
+        else:
+            logger.warning("Study %s r%d: send to %s failed (attempt %d, will retry): %s",
+                           study_uid, revision, destination, attempts, exc)
+        raise SendError(str(exc)) from None
+    _write_state(storage, study_uid, revision, destination, status="sent", attempts=attempts,
+                 status_code=f"0x{delivery.status:04X}", at=time.time(), sr=str(path.name))
+    logger.info("Study %s r%d: SR sent to %s in %.2f s", study_uid, revision, destination, delivery.seconds)
+    return "sent"
