@@ -53,6 +53,12 @@ def _worker(args: argparse.Namespace) -> int:
     return run_worker(cfg, args.role, burst=args.burst)
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from node.demo import run_demo
+
+    return run_demo(keep=args.keep, slices=args.slices)
+
+
 def _results_list(args: argparse.Namespace) -> int:
     import json
 
@@ -117,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="storage folder (overrides [node] storage)")
     p.add_argument("--burst", action="store_true", help="stop when the queue is empty")
     p.set_defaults(func=_worker)
+
+    p = sub.add_parser("demo", help="run the whole path once in a temp folder: CT in, SR out")
+    p.add_argument("--keep", action="store_true", help="keep the temp folder (logs, storage, SR)")
+    p.add_argument("--slices", type=int, default=None, help="send this many slices (the volume is tiled)")
+    p.set_defaults(func=_demo)
 
     p = sub.add_parser("results", help="what happened to each study")
     rsub = p.add_subparsers(dest="results_command", required=True, metavar="ACTION")

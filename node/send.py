@@ -140,7 +140,7 @@ def send_result(study_uid: str, revision: int, destination: str, force: bool = F
     from node.worker import context
 
     ctx = context()
-    storage, cfg = ctx.storage, ctx.cfg
+    storage, cfg = ctx.storage, ctx.refresh()
     previous = read_send_state(storage, study_uid, revision, destination)
     if previous and previous.get("status") == "sent" and not force:
         logger.info("Study %s r%d: already sent to %s, not sent again", study_uid, revision, destination)

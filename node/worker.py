@@ -18,7 +18,7 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +31,7 @@ from rq import Queue, SimpleWorker, get_current_job
 from node import __version__
 from node.config import Config
 from node.enqueue import QUEUE_NAME, redis_client
-from node.errors import NoUsableSeriesError, VolumeError
+from node.errors import AinodeError, NoUsableSeriesError, VolumeError
 from node.store import Storage, write_atomic
 
 if TYPE_CHECKING:
@@ -53,6 +53,28 @@ class WorkerContext:
     storage: Storage
     redis: Redis
     _model: Any = field(default=None, repr=False)
+    _mtime: float = 0.0
+
+    def refresh(self) -> Config:
+        """The config, re-read if its file changed (destinations added or fixed by an admin).
+
+        Storage, Redis and model stay as started; a file that no longer
+        validates is logged and the running config kept.
+        """
+        source = self.cfg.source
+        if source is None:
+            return self.cfg
+        try:
+            mtime = source.stat().st_mtime
+            if mtime != self._mtime:
+                from node import config
+
+                new = config.load(source)
+                self.cfg = replace(new, node=self.cfg.node, redis=self.cfg.redis, model=self.cfg.model)
+                self._mtime = mtime
+        except (OSError, AinodeError) as exc:
+            logger.error("Config %s not re-read, keeping the running one: %s", source, exc)
+        return self.cfg
 
     @property
     def model(self) -> "Model":
@@ -139,8 +161,9 @@ def analyse_study(study_uid: str, revision: int) -> str:
     if outcome["status"] == "analysed":
         from node.send import enqueue_send
 
-        for dest in ctx.cfg.destinations:
-            enqueue_send(ctx.redis, ctx.cfg, study_uid, revision, dest.name)
+        cfg = ctx.refresh()
+        for dest in cfg.destinations:
+            enqueue_send(ctx.redis, cfg, study_uid, revision, dest.name)
     return str(outcome["status"])
 
 

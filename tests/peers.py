@@ -255,3 +255,75 @@ def kill_pid(pid: int) -> None:
         wait_until(lambda: not pid_alive(pid), 10, f"pid {pid} to exit")
     except AssertionError:
         os.kill(pid, signal.SIGKILL)
+
+
+class Orthanc:
+    """A throw-away Orthanc (Debian package) as the PACS: DICOM and HTTP on free 127.0.0.1 ports."""
+
+    def __init__(self, workdir: Path, aet: str = "ORTHANC", check_called_aet: bool = True) -> None:
+        self.workdir = workdir
+        self.aet = aet
+        self.port = free_port()
+        self.http_port = free_port()
+        self.check_called_aet = check_called_aet
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self) -> "Orthanc":
+        import json as _json
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cfg = self.workdir / "orthanc.json"
+        cfg.write_text(_json.dumps({
+            "Name": "ainode-test-pacs", "DicomAet": self.aet, "DicomPort": self.port, "HttpPort": self.http_port,
+            "StorageDirectory": str(self.workdir / "db"), "IndexDirectory": str(self.workdir / "db"),
+            "SaveJobs": False, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": self.check_called_aet, "Plugins": [], "ConcurrentJobs": 1,
+        }))
+        self.log = open(self.workdir / "orthanc.log", "ab")
+        self.proc = subprocess.Popen(["Orthanc", str(cfg)], stdout=self.log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=dcmtk_env())
+        wait_until(self._ready, 20, f"Orthanc on port {self.port}")
+        return self
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"Orthanc exited with {self.proc.returncode}")
+        try:
+            self.get("/system")
+            return True
+        except OSError:
+            return False
+
+    def get(self, path: str) -> Any:
+        import json as _json
+        import urllib.request
+
+        with urllib.request.urlopen(self.base + path, timeout=5) as rsp:
+            return _json.loads(rsp.read())
+
+    def instances_of_study(self, study_uid: str, modality: str | None = None) -> list[dict[str, Any]]:
+        """Orthanc's instances (with their tags) in the study of that StudyInstanceUID."""
+        out = []
+        for sid in self.get("/studies"):
+            study = self.get(f"/studies/{sid}")
+            if study["MainDicomTags"].get("StudyInstanceUID") != study_uid:
+                continue
+            for series_id in study["Series"]:
+                series = self.get(f"/series/{series_id}")
+                if modality and series["MainDicomTags"].get("Modality") != modality:
+                    continue
+                for iid in series["Instances"]:
+                    out.append(self.get(f"/instances/{iid}/simplified-tags") | {"_id": iid})
+        return out
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()  # its folder is thrown away: no need for the 3 s graceful stop
+            self.proc.wait(10)
+            self.proc = None
+            self.log.close()

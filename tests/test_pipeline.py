@@ -1,0 +1,186 @@
+"""End to end: storescu -> ainode (SCP + worker + sender) -> SR -> Orthanc as the PACS.
+
+The model is a small real ONNX graph (node.testmodel) run by a real ONNX Runtime
+session; the PACS is a real Orthanc; the SRs are checked with dciodvfy, dsrdump
+and highdicom.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from tests.peers import NodeProcess, Orthanc, dcmtk_env, free_port, have, short_tmp, storescu, wait_until
+
+pytestmark = pytest.mark.skipif(
+    not (have("storescu") and have("Orthanc")), reason="needs DCMTK and Orthanc (apt-get install dcmtk orthanc)"
+)
+
+
+@pytest.fixture(scope="module")
+def test_model(tmp_path_factory) -> Path:
+    from node.testmodel import build_test_model
+
+    path = tmp_path_factory.mktemp("model") / "test-cnn.onnx"
+    build_test_model(path, size=64, context=1)
+    return path
+
+
+@pytest.fixture
+def pacs():
+    orthanc = Orthanc(short_tmp("orthanc-")).start()
+    yield orthanc
+    orthanc.stop()
+
+
+def node_with(nodes, model: Path, dest_port: int, dest_ae: str = "ORTHANC", quiet: float = 1.0,
+              retry_hours: float = 1.0) -> NodeProcess:
+    extra = (
+        f'[model]\npath = "{model}"\ndevice = "cpu"\nthreshold = 0.5\n'
+        f"[send]\nretry_hours = {retry_hours}\nretry_first_seconds = 1\ntimeout_seconds = 5\n"
+        f'[[destinations]]\nname = "pacs"\nae_title = "{dest_ae}"\nhost = "127.0.0.1"\nport = {dest_port}\n'
+    )
+    node = NodeProcess(short_tmp(), quiet=quiet, workers=1, extra_config=extra)
+    nodes.append(node)
+    return node.start()
+
+
+def study_of(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+
+
+def outcome(node: NodeProcess, study: str, revision: int = 1) -> dict | None:
+    path = node.storage / "state" / study / f"rev-{revision:04d}.outcome.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def send_state(node: NodeProcess, study: str, revision: int = 1) -> dict | None:
+    path = node.storage / "state" / study / f"rev-{revision:04d}.send-pacs.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def results_list(node: NodeProcess) -> list[dict]:
+    out = subprocess.run(
+        [sys.executable, "-m", "node", "--config", str(node.config), "results", "list", "--json"],
+        capture_output=True, text=True, check=True, cwd=node.workdir,
+    )
+    return json.loads(out.stdout)
+
+
+def test_lung1_to_orthanc_sr_in_same_study(nodes, pacs, lung1_series, test_model):
+    node = node_with(nodes, test_model, pacs.port)
+    assert storescu(lung1_series, node.port).returncode == 0
+    study = study_of(lung1_series[0])
+    srs = wait_until(lambda: pacs.instances_of_study(study, "SR"), 90, "the SR in Orthanc")
+    assert len(srs) == 1
+    sr_files = list((node.storage / "results" / study).glob("*.dcm"))
+    assert len(sr_files) == 1
+    sr = pydicom.dcmread(sr_files[0])
+    assert sr.StudyInstanceUID == study and sr.Modality == "SR"
+    assert srs[0]["SOPInstanceUID"] == sr.SOPInstanceUID
+    evidence = {i.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
+                for se in s.ReferencedSeriesSequence for i in se.ReferencedSOPSequence}
+    assert evidence == {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in lung1_series}
+
+    from node.report import sr_summary
+
+    summary = sr_summary(sr)
+    result = outcome(node, study)["result"]
+    assert summary["probability"] == pytest.approx(result["score"], abs=1e-6)
+    if have("dciodvfy"):
+        check = subprocess.run(["dciodvfy", str(sr_files[0])], capture_output=True, text=True)
+        assert [l for l in check.stderr.splitlines() if l.startswith("Error")] == []
+    if have("dsrdump"):
+        dump = subprocess.run(["dsrdump", str(sr_files[0])], capture_output=True, text=True)
+        assert dump.returncode == 0 and "Imaging Measurement Report" in dump.stdout
+    state = {s["study_uid"]: s for s in results_list(node)}[study]
+    assert state["state"] == "sent"
+
+
+def test_pacs_down_then_back_delivers(nodes, lung1_series, test_model, tmp_path):
+    port = free_port()  # nothing listens there yet
+    node = node_with(nodes, test_model, port, dest_ae="PACS")
+    assert storescu(lung1_series[:20], node.port).returncode == 0
+    study = study_of(lung1_series[0])
+    wait_until(lambda: (send_state(node, study) or {}).get("status") == "retrying", 90, "a failed send attempt")
+    scp = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(tmp_path), str(port)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dcmtk_env())
+    try:
+        wait_until(lambda: (send_state(node, study) or {}).get("status") == "sent", 60, "delivery once the PACS is back")
+        assert len(list(tmp_path.iterdir())) == 1
+        assert send_state(node, study)["attempts"] >= 2
+    finally:
+        scp.kill()
+        scp.wait(10)
+
+
+def test_wrong_ae_at_pacs_recorded_then_resend_works(nodes, pacs, lung1_series, test_model):
+    node = node_with(nodes, test_model, pacs.port, dest_ae="WRONGAE", retry_hours=0.0004)  # ~1 retry, then dead
+    assert storescu(lung1_series[:20], node.port).returncode == 0
+    study = study_of(lung1_series[0])
+    wait_until(lambda: (send_state(node, study) or {}).get("status") == "dead", 90, "the send to be dead-lettered")
+    assert "rejected" in send_state(node, study)["last_error"]
+    state = {s["study_uid"]: s for s in results_list(node)}[study]
+    assert state["state"] == "failed" and "rejected" in state["detail"]
+    from node.cli import main
+
+    assert main(["--config", str(node.config), "dest", "remove", "pacs"]) == 0
+    assert main(["--config", str(node.config), "dest", "add", "pacs", "--ae", "ORTHANC", "--host", "127.0.0.1",
+                 "--port", str(pacs.port)]) == 0
+    node.signal(signal.SIGHUP)
+    assert main(["--config", str(node.config), "results", "resend", study]) == 0
+    wait_until(lambda: pacs.instances_of_study(study, "SR"), 60, "the resent SR in Orthanc")
+    assert send_state(node, study)["status"] == "sent"
+
+
+def test_late_instance_gives_second_sr_naming_the_first(nodes, pacs, lung1_series, test_model):
+    node = node_with(nodes, test_model, pacs.port)
+    study = study_of(lung1_series[0])
+    assert storescu(lung1_series[:40], node.port).returncode == 0
+    first = wait_until(lambda: pacs.instances_of_study(study, "SR"), 90, "the first SR")
+    assert storescu(lung1_series[40:], node.port).returncode == 0
+    srs = wait_until(lambda: (s := pacs.instances_of_study(study, "SR")) if len(s) == 2 else None, 90, "the second SR")
+    second = next(s for s in srs if s["SOPInstanceUID"] != first[0]["SOPInstanceUID"])
+    sr2 = pydicom.dcmread(next(p for p in (node.storage / "results" / study).glob("*.dcm")
+                               if p.stem == second["SOPInstanceUID"]))
+    refs = [i.ReferencedSOPInstanceUID for s in sr2.PredecessorDocumentsSequence
+            for se in s.ReferencedSeriesSequence for i in se.ReferencedSOPSequence]
+    assert refs == [first[0]["SOPInstanceUID"]]
+
+
+def test_non_ct_and_corrupt_studies_recorded_worker_stays_healthy(nodes, pacs, lung1_series, test_model, tmp_path):
+    node = node_with(nodes, test_model, pacs.port)
+    mr = get_testdata_file("MR_small.dcm", download=False)
+    assert storescu([mr], node.port).returncode == 0
+    mr_study = study_of(Path(mr))
+    wait_until(lambda: outcome(node, mr_study), 60, "the MR study's outcome")
+    assert outcome(node, mr_study)["status"] == "no_result"
+    assert "CT" in outcome(node, mr_study)["reason"]
+
+    # A CT series whose pixel data is corrupt (JPEG 2000 codestream cut short).
+    from pydicom.uid import JPEG2000Lossless
+
+    from node.sample import load_lung1, write_ct_series
+
+    volume, spacing, origin, _ = load_lung1(None)
+    files = write_ct_series(volume[10:22], spacing, tmp_path / "bad", transfer_syntax=JPEG2000Lossless,
+                            first_position=origin)
+    ds = pydicom.dcmread(files[5])
+    frame = bytearray(ds.PixelData)
+    ds.PixelData = bytes(frame[: len(frame) // 3]) + b"\x00" * (len(frame) - len(frame) // 3)
+    ds.save_as(files[5])
+    assert storescu(files, node.port).returncode == 0
+    bad_study = study_of(files[0])
+    wait_until(lambda: outcome(node, bad_study), 60, "the corrupt study's outcome")
+    assert outcome(node, bad_study)["status"] == "failed"
+
+    assert storescu(lung1_series, node.port).returncode == 0  # the next study still works
+    wait_until(lambda: pacs.instances_of_study(study_of(lung1_series[0]), "SR"), 90, "the SR of the good study")
+    assert pacs.instances_of_study(mr_study, "SR") == [] and pacs.instances_of_study(bad_study, "SR") == []
