@@ -29,8 +29,8 @@ def window(hu: np.ndarray, center: float = LUNG_WINDOW[0], width: float = LUNG_W
     if width <= 0:
         raise ValueError(f'Argument "width" must be more than 0, got {width}')
     lo = center - width / 2.0
-    out = (np.asarray(hu, dtype=np.float32) - np.float32(lo)) / np.float32(width)
-    return np.clip(out, 0.0, 1.0, out=out)
+    out = np.atleast_1d((np.asarray(hu, dtype=np.float32) - np.float32(lo)) / np.float32(width))
+    return np.clip(out, 0.0, 1.0, out=out).reshape(np.shape(hu))
 
 
 def _axis_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

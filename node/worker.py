@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 ROLES = ("analyse", "send")
 DEFAULT_SR_CLASS = "comprehensive"
 SR_SERIES_NUMBER = 9001
+#: Slices per inference batch: as fast as larger batches on CPU, far less memory.
+ANALYSE_BATCH = 16
 
 
 @dataclass
@@ -191,7 +193,7 @@ def _analyse(ctx: WorkerContext, study_uid: str, revision: int) -> dict[str, Any
         raise
     loaded = time.monotonic()
     model = ctx.model
-    analysis = model.analyse(vol.hu)
+    analysis = model.analyse(vol.hu, batch_size=ANALYSE_BATCH)
     threshold = ctx.cfg.model.threshold
     key = [
         {

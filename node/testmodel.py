@@ -1,0 +1,133 @@
+"""A small, real ONNX CNN with a model card, for tests and benchmarks until a trained model exists.
+
+The graph has the trained model's interface (NHWC float32 ``[N, size, size,
+2 * context + 1]`` in, ``[N, 1]`` probability out) and runs in a real ONNX
+Runtime session:
+
+    input -> Transpose (NCHW) -> Conv 3x3, 8 filters, pad 1 -> Relu
+          -> GlobalMaxPool -> Flatten -> Gemm (8 -> 1) -> Sigmoid -> output
+
+Seven filters have weights from a seeded RNG (each scaled to an L1 norm of 1)
+and small output weights. The eighth is hand-made, a "bright blob" detector:
+a 3x3 mean over the slice (weight 1/2) and its neighbours (1/2 shared),
+minus the level of -400 HU in the card's window, so it fires only where a
+neighbourhood is denser than aerated lung (-800 HU): a solid nodule, but
+equally the chest wall, mediastinum and vessels. Max pooling keeps its
+strongest response anywhere in the slice and the Gemm gives it a large
+weight, so a slice with a bright round spot scores well above one of lung
+parenchyma only (about 0.12 for -800 HU lung; 0.74 to 0.98 on the slices of
+a +40 HU disc, with context 1).
+It is NOT a nodule detector and its scores mean nothing clinically.
+
+Needs the ``onnx`` package (in the ``training`` and ``dev`` extras).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from node.model_card import ModelCard, sha256_of
+from node.preprocessing import LUNG_WINDOW, PREPROCESSING_VERSION, window
+
+OPSET = 17
+IR_VERSION = 8  # the lowest IR for opset 17, so older onnxruntime releases load it too
+INPUT_NAME = "input"
+OUTPUT_NAME = "probability"
+
+RANDOM_FILTERS = 7
+#: The blob filter fires where the weighted 3x3 mean is denser than this (HU).
+BLOB_LEVEL_HU = -400.0
+BLOB_WEIGHT = 20.0  # Gemm weight of the blob feature (logit per window unit above the level)
+RANDOM_WEIGHT = 0.1  # bound of the Gemm weights of the random features
+BIAS = -2.0  # logit with no blob and no random response: sigmoid(-2) = 0.12
+
+
+def _blob_filter(channels: int, level: float) -> tuple[np.ndarray, float]:
+    """Weights (channels, 3, 3) and bias of the bright-blob filter."""
+    context = channels // 2
+    per_channel = np.full(channels, 0.5 / (2 * context), dtype=np.float32) if context else np.ones(1, np.float32)
+    per_channel[context] = 0.5 if context else 1.0
+    weights = np.repeat(per_channel[:, None, None] / 9.0, 3, axis=1).repeat(3, axis=2)
+    return weights.astype(np.float32), -level
+
+
+def build_test_model(
+    path: Path, *, size: int = 64, context: int = 1, seed: int = 0, name: str = "ainode-test-cnn"
+) -> ModelCard:
+    """Write a small real CNN to ``path`` (ONNX, opset 17) and its card beside it; return the card."""
+    if size < 3:
+        raise ValueError(f'Argument "size" must be at least 3, got {size}')
+    if context < 0:
+        raise ValueError(f'Argument "context" must be 0 or more, got {context}')
+    path = Path(path)
+    channels = 2 * context + 1
+    rng = np.random.default_rng(seed)
+
+    random_w = rng.normal(size=(RANDOM_FILTERS, channels, 3, 3)).astype(np.float32)
+    random_w /= np.abs(random_w).sum(axis=(1, 2, 3), keepdims=True)
+    level = float(window(np.array([BLOB_LEVEL_HU]), *LUNG_WINDOW)[0])
+    blob_w, blob_b = _blob_filter(channels, level)
+    conv_w = np.concatenate([random_w, blob_w[None]], axis=0)
+    conv_b = np.zeros(RANDOM_FILTERS + 1, dtype=np.float32)
+    conv_b[-1] = blob_b
+    gemm_w = np.concatenate(
+        [rng.uniform(-RANDOM_WEIGHT, RANDOM_WEIGHT, RANDOM_FILTERS), [BLOB_WEIGHT]]
+    ).astype(np.float32)[None, :]
+    gemm_b = np.array([BIAS], dtype=np.float32)
+
+    initializers = [
+        numpy_helper.from_array(conv_w, "conv_w"),
+        numpy_helper.from_array(conv_b, "conv_b"),
+        numpy_helper.from_array(gemm_w, "dense_w"),
+        numpy_helper.from_array(gemm_b, "dense_b"),
+    ]
+    nodes = [
+        helper.make_node("Transpose", [INPUT_NAME], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["nchw", "conv_w", "conv_b"], ["conv"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv"], ["relu"]),
+        helper.make_node("GlobalMaxPool", ["relu"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["features"], axis=1),
+        helper.make_node("Gemm", ["features", "dense_w", "dense_b"], ["logit"], transB=1),
+        helper.make_node("Sigmoid", ["logit"], [OUTPUT_NAME]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", size, size, channels])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", 1])],
+        initializer=initializers,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION, producer_name="ainode.testmodel"
+    )
+    model.doc_string = "Hand-built test CNN (seeded random filters + a bright-blob filter); not a trained model."
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+
+    card = ModelCard(
+        name=name,
+        version=f"test-seed{seed}",
+        sha256=sha256_of(path),
+        input_name=INPUT_NAME,
+        input_shape=[None, size, size, channels],
+        output_name=OUTPUT_NAME,
+        preprocessing_version=PREPROCESSING_VERSION,
+        size=size,
+        context=context,
+        window=[LUNG_WINDOW[0], LUNG_WINDOW[1]],
+        threshold=0.5,
+        threshold_method="fixed (test model)",
+        aggregation="top3_mean",
+        intended_use="tests only",
+        training_data="none: a hand-built test graph, not a trained model",
+        seed=seed,
+        created=_dt.date.today().isoformat(),
+        versions={"onnx": onnx.__version__},
+    )
+    card.write(path)
+    return card
