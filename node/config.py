@@ -145,6 +145,26 @@ class Destination:
 
 
 @dataclass(frozen=True)
+class SeriesRules:
+    """``[series]``: which series of a study may be analysed (see node.volume)."""
+
+    modality: str = "CT"
+    require_original: bool = True  # ImageType ORIGINAL only
+    require_axial: bool = True  # slice normal within 10 degrees of z
+    min_slices: int = 10
+    max_slice_thickness_mm: float = 5.0  # max(SliceThickness, position step)
+    exclude_localizers: bool = True
+
+    def __post_init__(self) -> None:
+        if self.modality != "CT":
+            raise ValueError(f'Argument "modality" must be "CT", got {self.modality!r}')
+        if self.min_slices < 1:
+            raise ValueError(f'Argument "min_slices" must be at least 1, got {self.min_slices}')
+        if not self.max_slice_thickness_mm > 0:
+            raise ValueError(f'Argument "max_slice_thickness_mm" must be more than 0, got {self.max_slice_thickness_mm}')
+
+
+@dataclass(frozen=True)
 class SendConfig:
     """``[send]``: delivery of results to the destinations."""
 
@@ -164,6 +184,7 @@ class Config:
     callers: tuple[Caller, ...] = ()
     destinations: tuple[Destination, ...] = ()
     send: SendConfig = field(default_factory=SendConfig)
+    series: SeriesRules = field(default_factory=SeriesRules)
     source: Path | None = None
 
     def destination(self, name: str) -> Destination | None:
@@ -213,6 +234,10 @@ class _Checker:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise self.fail(where, f"must be an integer, got {type(value).__name__}")
             return value
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise self.fail(where, f"must be true or false, got {type(value).__name__}")
+            return value
         if kind == "float":
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise self.fail(where, f"must be a number, got {type(value).__name__}")
@@ -231,7 +256,7 @@ def parse(data: Mapping[str, Any], origin: str = "<config>", base: Path | None =
     made absolute against ``base`` (default: the current directory).
     """
     ck = _Checker(origin)
-    sections = {"node", "completion", "redis", "model", "callers", "destinations", "send"}
+    sections = {"node", "completion", "redis", "model", "callers", "destinations", "send", "series"}
     for key in data:
         if key not in sections:
             raise ck.fail(f"[{key}]", f"unknown section (known: {', '.join(sorted(sections))})")
@@ -311,9 +336,14 @@ def parse(data: Mapping[str, Any], origin: str = "<config>", base: Path | None =
     if send.timeout_seconds <= 0:
         raise ck.fail("[send] timeout_seconds", f"must be more than 0, got {send.timeout_seconds:g}")
 
+    try:
+        series = ck.build(SeriesRules, ck.table(data, "series"), "[series]")
+    except ValueError as exc:
+        raise ck.fail("[series]", str(exc).replace("Argument ", "")) from None
+
     return Config(
         node=node, completion=completion, redis=redis_cfg, model=model,
-        callers=callers, destinations=destinations, send=send,
+        callers=callers, destinations=destinations, send=send, series=series,
     )
 
 

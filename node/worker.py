@@ -179,8 +179,7 @@ def _analyse(ctx: WorkerContext, study_uid: str, revision: int) -> dict[str, Any
     paths = [p for p in paths if p.exists()]
     job = get_current_job()
     try:
-        choice = volume.choose_series(paths)
-        vol = volume.load_volume(choice.paths)
+        choice, vol = volume.load_study(paths, ctx.cfg.series)
     except NoUsableSeriesError as exc:
         logger.warning("Study %s r%d: no result: %s", study_uid, revision, exc)
         return _write_outcome(storage, study_uid, revision, "no_result", reason=str(exc))

@@ -63,6 +63,31 @@ def storescu(
     )
 
 
+def scu_store(port: int, items: list, calling: str = "PYSCU", called: str = "AINODE") -> list[int]:
+    """C-STORE each item (a Dataset or a Part 10 path) in one pynetdicom association; the statuses."""
+    import pydicom
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE, _config
+
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    pairs = set()
+    for item in items:
+        meta = item.file_meta if isinstance(item, Dataset) else pydicom.dcmread(item, stop_before_pixels=True).file_meta
+        pairs.add((meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID))
+    for sop_class, ts in sorted(pairs):
+        ae.add_requested_context(sop_class, ts)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    assert assoc.is_established, "association was not accepted"
+    chunked = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True  # send files as they are, without decoding them
+    try:
+        return [int(assoc.send_c_store(item).Status) for item in items]
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = chunked
+        assoc.release()
+
+
 def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
     """Poll ``predicate`` until it returns a truthy value; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -16,7 +16,8 @@ def test_checkout_file_is_the_builtin_default():
     from_file = config.load(REPO / "config" / "ainode.toml")
     builtin = config.parse({}, "<built-in>")
     assert from_file.node == builtin.node
-    assert (from_file.completion, from_file.redis, from_file.model) == (builtin.completion, builtin.redis, builtin.model)
+    for section in ("completion", "redis", "model", "send", "series"):
+        assert getattr(from_file, section) == getattr(builtin, section)
     assert from_file.callers == () and from_file.destinations == ()
 
 

@@ -16,8 +16,9 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.encaps import encapsulate, generate_frames
 
-from tests.peers import NodeProcess, Orthanc, dcmtk_env, free_port, have, short_tmp, storescu, wait_until
+from tests.peers import NodeProcess, Orthanc, dcmtk_env, scu_store, free_port, have, short_tmp, storescu, wait_until
 
 pytestmark = pytest.mark.skipif(
     not (have("storescu") and have("Orthanc")), reason="needs DCMTK and Orthanc (apt-get install dcmtk orthanc)"
@@ -146,7 +147,11 @@ def test_late_instance_gives_second_sr_naming_the_first(nodes, pacs, lung1_serie
     assert storescu(lung1_series[:40], node.port).returncode == 0
     first = wait_until(lambda: pacs.instances_of_study(study, "SR"), 90, "the first SR")
     assert storescu(lung1_series[40:], node.port).returncode == 0
-    srs = wait_until(lambda: (s := pacs.instances_of_study(study, "SR")) if len(s) == 2 else None, 90, "the second SR")
+    def two_srs() -> list[dict] | None:
+        srs = pacs.instances_of_study(study, "SR")
+        return srs if len(srs) == 2 else None
+
+    srs = wait_until(two_srs, 90, "the second SR")
     second = next(s for s in srs if s["SOPInstanceUID"] != first[0]["SOPInstanceUID"])
     sr2 = pydicom.dcmread(next(p for p in (node.storage / "results" / study).glob("*.dcm")
                                if p.stem == second["SOPInstanceUID"]))
@@ -173,10 +178,10 @@ def test_non_ct_and_corrupt_studies_recorded_worker_stays_healthy(nodes, pacs, l
     files = write_ct_series(volume[10:22], spacing, tmp_path / "bad", transfer_syntax=JPEG2000Lossless,
                             first_position=origin)
     ds = pydicom.dcmread(files[5])
-    frame = bytearray(ds.PixelData)
-    ds.PixelData = bytes(frame[: len(frame) // 3]) + b"\x00" * (len(frame) - len(frame) // 3)
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([frame[: len(frame) // 3] + b"\x00" * 64])  # a valid item, a broken codestream
     ds.save_as(files[5])
-    assert storescu(files, node.port).returncode == 0
+    assert scu_store(node.port, files) == [0] * len(files)  # stored: the receive path does not decode pixels
     bad_study = study_of(files[0])
     wait_until(lambda: outcome(node, bad_study), 60, "the corrupt study's outcome")
     assert outcome(node, bad_study)["status"] == "failed"

@@ -16,10 +16,10 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
-from pynetdicom import AE, _config
+from pynetdicom import AE
 
 from node.enqueue import job_id
-from tests.peers import NodeProcess, RedisServer, echoscu, have, pid_alive, short_tmp, storescu, wait_until
+from tests.peers import NodeProcess, scu_store as send, RedisServer, echoscu, have, pid_alive, short_tmp, storescu, wait_until
 
 pytestmark = pytest.mark.skipif(not have("storescu"), reason="DCMTK is not installed (apt-get install dcmtk)")
 
@@ -33,27 +33,6 @@ def start_node(nodes: list, workdir: Path, **kw) -> NodeProcess:
     node = NodeProcess(workdir, **kw)
     nodes.append(node)
     return node.start()
-
-
-def send(port: int, items: list, calling: str = "PYSCU", called: str = "AINODE") -> list[int]:
-    """C-STORE each item (a Dataset or a Part 10 path) in one pynetdicom association; the statuses."""
-    ae = AE(ae_title=calling)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    pairs = set()
-    for item in items:
-        meta = item.file_meta if isinstance(item, Dataset) else pydicom.dcmread(item, stop_before_pixels=True).file_meta
-        pairs.add((meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID))
-    for sop_class, ts in sorted(pairs):
-        ae.add_requested_context(sop_class, ts)
-    assoc = ae.associate("127.0.0.1", port, ae_title=called)
-    assert assoc.is_established, "association was not accepted"
-    chunked = _config.STORE_SEND_CHUNKED_DATASET
-    _config.STORE_SEND_CHUNKED_DATASET = True  # send files as they are, without decoding them
-    try:
-        return [int(assoc.send_c_store(item).Status) for item in items]
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = chunked
-        assoc.release()
 
 
 def study_of(path: Path) -> str:
