@@ -1,0 +1,106 @@
+"""The worker's jobs in-process: idempotent analysis, one model for every job, predecessors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pydicom
+import pytest
+from rq import Queue, SimpleWorker
+
+from node.config import Config, Destination, ModelConfig, NodeConfig
+from node.enqueue import QUEUE_NAME, JobQueue, job_id
+from node.send import SEND_QUEUE
+from node.store import Revision, Storage
+from node.worker import WorkerContext, analyse_study, read_outcome, set_context
+from tests.peers import RedisServer
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def ctx(redis_server, tmp_path, lung1_series):
+    from node.testmodel import build_test_model
+
+    model = tmp_path / "model" / "m.onnx"
+    model.parent.mkdir()
+    build_test_model(model, size=64, context=1)
+    r = redis_server.client()
+    r.flushall()
+    storage = Storage(tmp_path / "storage")
+    storage.prepare()
+    cfg = Config(
+        node=NodeConfig(storage=storage.root),
+        model=ModelConfig(path=str(model), device="cpu"),
+        destinations=(Destination("pacs", "PACS", "127.0.0.1", 9),),
+    )
+    context = WorkerContext(cfg, storage, r)
+    set_context(context)
+    yield context
+    set_context(None)  # type: ignore[arg-type]
+
+
+def store_series(storage: Storage, files: list[Path], revision: int) -> str:
+    instances = {}
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        storage.write_instance(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, [f.read_bytes()])
+        instances[ds.SOPInstanceUID] = ds.SeriesInstanceUID
+    study = str(ds.StudyInstanceUID)
+    prior = storage.latest_revision(study)
+    all_instances = {**(prior.instances if prior else {}), **instances}
+    storage.write_revision(Revision(study, revision, all_instances, 0.0, "quiet", job_id(study, revision)))
+    return study
+
+
+def test_analysis_twice_gives_one_result(ctx, lung1_series):
+    study = store_series(ctx.storage, lung1_series, 1)
+    assert analyse_study(study, 1) == "analysed"
+    first = read_outcome(ctx.storage, study, 1)
+    srs = list((ctx.storage.results / study).glob("*.dcm"))
+    assert len(srs) == 1
+    assert analyse_study(study, 1) == "analysed"  # a rerun (a retried job, a requeue after Redis loss)
+    assert read_outcome(ctx.storage, study, 1) == first
+    assert list((ctx.storage.results / study).glob("*.dcm")) == srs
+    sends = ctx.redis.lrange(f"rq:queue:{SEND_QUEUE}", 0, -1)
+    assert len(sends) == 1  # one delivery job per destination, not one per run
+    result = first["result"]
+    assert result["slices"] == 48 and 0.0 <= result["score"] <= 1.0
+    assert len(result["key_images"]) == 3 and result["providers"][0] == "CPUExecutionProvider"
+
+
+def test_second_revision_names_the_first_sr(ctx, lung1_series):
+    study = store_series(ctx.storage, lung1_series[:40], 1)
+    analyse_study(study, 1)
+    store_series(ctx.storage, lung1_series[40:], 2)
+    analyse_study(study, 2)
+    sr1 = json.loads(ctx.storage.outcome_path(study, 1).read_text())["sr"]["comprehensive"]
+    sr2_name = json.loads(ctx.storage.outcome_path(study, 2).read_text())["sr"]["comprehensive"]
+    sr2 = pydicom.dcmread(ctx.storage.results / study / sr2_name)
+    refs = [i.ReferencedSOPInstanceUID for s in sr2.PredecessorDocumentsSequence
+            for se in s.ReferencedSeriesSequence for i in se.ReferencedSOPSequence]
+    assert refs == [Path(sr1).stem]
+    assert len(json.loads(ctx.storage.outcome_path(study, 2).read_text())["result"]["instances_used"]) == 48
+
+
+def test_simple_worker_runs_jobs_with_one_model(ctx, lung1_series, tmp_path):
+    study_a = store_series(ctx.storage, lung1_series[:20], 1)
+    from node.sample import load_lung1, write_ct_series
+
+    volume, spacing, origin, _ = load_lung1(None)
+    study_b = store_series(ctx.storage, write_ct_series(volume[:15], spacing, tmp_path / "b", first_position=origin), 1)
+    queue = JobQueue(ctx.redis)
+    assert queue.enqueue(study_a, 1) and queue.enqueue(study_b, 1)
+    assert not queue.enqueue(study_a, 1)  # same job id: not queued twice
+    model = ctx.model
+    worker = SimpleWorker([Queue(QUEUE_NAME, connection=ctx.redis)], connection=ctx.redis)
+    assert worker.work(burst=True)
+    assert ctx.model is model  # loaded once, kept for every job
+    for study in (study_a, study_b):
+        assert read_outcome(ctx.storage, study, 1)["status"] == "analysed"
