@@ -45,3 +45,13 @@ def nodes() -> Iterator[list]:
         node.stop()
         if pid is not None:  # after a kill -9 the embedded Redis may still run
             kill_pid(pid)
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A throw-away redis-server on a free port (not the machine's 6379); flush it before use."""
+    from tests.peers import RedisServer
+
+    server = RedisServer().start()
+    yield server
+    server.stop()

@@ -15,7 +15,7 @@ from node.embedded_redis import EmbeddedRedis
 from node.enqueue import QUEUE_NAME, JobQueue, job_id
 from node.errors import InvalidUIDError
 from node.store import Storage, check_uid
-from tests.peers import RedisServer, pid_alive, short_tmp
+from tests.peers import pid_alive, short_tmp
 
 
 class Clock:
@@ -24,13 +24,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture(scope="module")
-def redis_server():
-    server = RedisServer().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -14,14 +14,6 @@ from node.enqueue import QUEUE_NAME, JobQueue, job_id
 from node.send import SEND_QUEUE
 from node.store import Revision, Storage
 from node.worker import WorkerContext, analyse_study, read_outcome, set_context
-from tests.peers import RedisServer
-
-
-@pytest.fixture(scope="module")
-def redis_server():
-    server = RedisServer().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
