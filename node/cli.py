@@ -38,7 +38,8 @@ def _serve(args: argparse.Namespace) -> int:
         node = replace(node, storage=Path(args.storage).resolve())
     if node != cfg.node:  # overrides are validated like the file
         config_mod.parse(
-            {"node": {**{k: v for k, v in node.__dict__.items()}, "storage": str(node.storage)}}, "command line"
+            {"node": {**{k: v for k, v in node.__dict__.items()}, "storage": str(node.storage)},
+             "tls": dict(cfg.tls.__dict__)}, "command line"
         )
         cfg = replace(cfg, node=node)
     return serve(cfg, args.workers, args.log_level)

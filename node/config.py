@@ -76,7 +76,7 @@ def host_problem(value: object) -> str | None:
 
 
 def port_problem(value: object) -> str | None:
-    """Why ``value`` is not a TCP port, or None if it is."""
+    """Why ``value`` is not a TCP port (1-65535), or None if it is."""
     if isinstance(value, bool) or not isinstance(value, int):
         return f"must be an integer, got {type(value).__name__}"
     if not 1 <= value <= 65535:
@@ -86,7 +86,7 @@ def port_problem(value: object) -> str | None:
 
 @dataclass(frozen=True)
 class NodeConfig:
-    """``[node]``: the SCP and its storage."""
+    """``[node]``: the SCP and its storage. ``port`` 0 turns the plain (non-TLS) port off."""
 
     ae_title: str = "AINODE"
     host: str = "127.0.0.1"
@@ -95,6 +95,38 @@ class NodeConfig:
     max_associations: int = 32
     max_pdu: int = 131072
     min_free_mb: int = 1024
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """``[tls]``: DICOM TLS (TLS 1.2 or later) for receiving and sending.
+
+    ``enabled`` starts a second SCP on ``port``; ``cert``/``key`` are this
+    node's certificate and unencrypted private key (PEM), also presented as the
+    client certificate when sending to a destination with ``tls = true``;
+    ``ca`` holds the certificates trusted to sign peers' certificates (empty:
+    the system's trust store, for sending only). Paths are made absolute.
+    """
+
+    enabled: bool = False
+    port: int = 2762
+    cert: str = ""
+    key: str = ""
+    ca: str = ""
+    require_client_cert: bool = False
+    check_hostname: bool = True  # sending: the destination's host must be named in its certificate
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """``[audit]``: the audit trail (see node.audit).
+
+    ``path`` empty: ``<storage>/audit.jsonl``. ``syslog``: empty, or
+    ``host:port`` / ``udp://host:port`` (UDP) or ``tcp://host:port``.
+    """
+
+    path: str = ""
+    syslog: str = ""
 
 
 @dataclass(frozen=True)
@@ -142,6 +174,7 @@ class Destination:
     host: str
     port: int
     sr_class: str = "comprehensive"  # comprehensive | enhanced | comprehensive3d
+    tls: bool = False  # send over DICOM TLS, with the [tls] certificate, key and CA
 
 
 @dataclass(frozen=True)
@@ -185,11 +218,18 @@ class Config:
     destinations: tuple[Destination, ...] = ()
     send: SendConfig = field(default_factory=SendConfig)
     series: SeriesRules = field(default_factory=SeriesRules)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     source: Path | None = None
 
     def destination(self, name: str) -> Destination | None:
         """The destination called ``name``, or None."""
         return next((d for d in self.destinations if d.name == name), None)
+
+    @property
+    def audit_path(self) -> Path:
+        """Where the audit trail is written: ``[audit] path``, else ``<storage>/audit.jsonl``."""
+        return Path(self.audit.path) if self.audit.path else self.node.storage / "audit.jsonl"
 
 
 class _Checker:
@@ -256,17 +296,19 @@ def parse(data: Mapping[str, Any], origin: str = "<config>", base: Path | None =
     made absolute against ``base`` (default: the current directory).
     """
     ck = _Checker(origin)
-    sections = {"node", "completion", "redis", "model", "callers", "destinations", "send", "series"}
+    sections = {"node", "completion", "redis", "model", "callers", "destinations", "send", "series", "tls", "audit"}
     for key in data:
         if key not in sections:
             raise ck.fail(f"[{key}]", f"unknown section (known: {', '.join(sorted(sections))})")
 
+    here = base or Path.cwd()
+    tls = ck.build(TLSConfig, ck.table(data, "tls"), "[tls]")
     node = ck.build(NodeConfig, ck.table(data, "node"), "[node]")
     if (p := ae_title_problem(node.ae_title)) is not None:
         raise ck.fail("[node] ae_title", p)
     if (p := host_problem(node.host)) is not None:
         raise ck.fail("[node] host", p)
-    if (p := port_problem(node.port)) is not None:
+    if not (node.port == 0 and tls.enabled) and (p := port_problem(node.port)) is not None:
         raise ck.fail("[node] port", p)
     if not 1 <= node.max_associations <= 1000:
         raise ck.fail("[node] max_associations", f"must be between 1 and 1000, got {node.max_associations}")
@@ -276,7 +318,7 @@ def parse(data: Mapping[str, Any], origin: str = "<config>", base: Path | None =
         raise ck.fail("[node] min_free_mb", f"must be 0 or more, got {node.min_free_mb}")
     storage = node.storage.expanduser()
     if not storage.is_absolute():
-        storage = (base or Path.cwd()) / storage
+        storage = here / storage
     node = NodeConfig(**{**node.__dict__, "storage": storage})
 
     completion = ck.build(CompletionConfig, ck.table(data, "completion"), "[completion]")
@@ -328,6 +370,9 @@ def parse(data: Mapping[str, Any], origin: str = "<config>", base: Path | None =
         if d.sr_class not in SR_CLASSES:
             raise ck.fail(f"{where} sr_class", f"must be one of {', '.join(SR_CLASSES)}, got {d.sr_class!r}")
 
+    tls = _check_tls(ck, tls, node, any(d.tls for d in destinations), here)
+    audit = _check_audit(ck, ck.build(AuditConfig, ck.table(data, "audit"), "[audit]"), here)
+
     send = ck.build(SendConfig, ck.table(data, "send"), "[send]")
     if send.retry_hours < 0:
         raise ck.fail("[send] retry_hours", f"must be 0 or more, got {send.retry_hours:g}")
@@ -343,8 +388,91 @@ def parse(data: Mapping[str, Any], origin: str = "<config>", base: Path | None =
 
     return Config(
         node=node, completion=completion, redis=redis_cfg, model=model,
-        callers=callers, destinations=destinations, send=send, series=series,
+        callers=callers, destinations=destinations, send=send, series=series, tls=tls, audit=audit,
     )
+
+
+def file_problem(path: str) -> str | None:
+    """Why ``path`` is not a regular file this process can read, or None. Never reads its contents."""
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        return f"{path}: no such file"
+    except IsADirectoryError:
+        return f"{path}: is a folder, not a file"
+    except OSError as exc:
+        return f"{path}: cannot read: {exc.strerror}"
+    if not Path(path).is_file():
+        return f"{path}: not a regular file"
+    return None
+
+
+def _absolute(value: str, base: Path) -> str:
+    if not value:
+        return value
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else base / path)
+
+
+def _check_tls(ck: _Checker, tls: TLSConfig, node: NodeConfig, sends_tls: bool, base: Path) -> TLSConfig:
+    """Validate ``[tls]``: its files must exist and be readable when TLS is used at all."""
+    tls = replace(tls, cert=_absolute(tls.cert, base), key=_absolute(tls.key, base), ca=_absolute(tls.ca, base))
+    if (p := port_problem(tls.port)) is not None:
+        raise ck.fail("[tls] port", p)
+    if tls.enabled and tls.port == node.port:
+        raise ck.fail("[tls] port", f"must differ from [node] port ({node.port})")
+    if not (tls.enabled or sends_tls):
+        return tls
+    if tls.enabled:
+        for key in ("cert", "key"):
+            if not getattr(tls, key):
+                raise ck.fail(f"[tls] {key}", "is required when [tls] enabled = true")
+    if bool(tls.cert) != bool(tls.key):
+        missing = "key" if tls.cert else "cert"
+        raise ck.fail(f"[tls] {missing}", "cert and key go together: give both or neither")
+    if tls.require_client_cert and not tls.ca:
+        raise ck.fail("[tls] ca", "is required when require_client_cert = true (the CA of client certificates)")
+    for key in ("cert", "key", "ca"):
+        value = getattr(tls, key)
+        if value and (p := file_problem(value)) is not None:
+            raise ck.fail(f"[tls] {key}", p)
+    return tls
+
+
+def syslog_target(value: str) -> tuple[str, str, int]:
+    """``(protocol, host, port)`` of an ``[audit] syslog`` value; raises ValueError naming the problem.
+
+    ``host:port`` and ``udp://host:port`` mean UDP (RFC 5426), ``tcp://host:port``
+    TCP with octet counting (RFC 6587); an IPv6 host is written in brackets.
+    """
+    proto, sep, rest = value.partition("://")
+    if not sep:
+        proto, rest = "udp", value
+    if proto not in ("udp", "tcp"):
+        raise ValueError(f"protocol must be udp:// or tcp://, got {proto!r}")
+    host, sep, port_text = rest.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"must be host:port, tcp://host:port or udp://host:port, got {value!r}")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if (p := host_problem(host)) is not None:
+        raise ValueError(p)
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"port must be an integer, got {port_text!r}") from None
+    if (p := port_problem(port)) is not None:
+        raise ValueError(f"port {p}")
+    return proto, host, port
+
+
+def _check_audit(ck: _Checker, audit: AuditConfig, base: Path) -> AuditConfig:
+    if audit.syslog:
+        try:
+            syslog_target(audit.syslog)
+        except ValueError as exc:
+            raise ck.fail("[audit] syslog", str(exc)) from None
+    return replace(audit, path=_absolute(audit.path, base))
 
 
 def _entries(ck: _Checker, data: Mapping[str, Any], name: str, cls: type) -> list[Any]:
