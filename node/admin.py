@@ -29,7 +29,7 @@ from tomlkit.items import AoT, Table, Whitespace
 from tomlkit.toml_document import TOMLDocument
 
 from node import config, store
-from node.config import Caller, Destination
+from node.config import Caller, Destination, TLSConfig
 from node.errors import AdminError, AinodeError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -233,7 +233,7 @@ def _where(caller_host: str | None) -> str:
 
 
 def _dest_label(d: Destination) -> str:
-    return f"{d.name} ({d.ae_title}@{d.host}:{d.port})"
+    return f"{d.name} ({d.ae_title}@{d.host}:{d.port}{', TLS' if d.tls else ''})"
 
 
 # --------------------------------------------------------------------------
@@ -325,7 +325,7 @@ def cmd_dest_list(args: argparse.Namespace) -> int:
         return EXIT_OK
     width = max(len(d.name) for d in cfg.destinations)
     for d in cfg.destinations:
-        print(f"{d.name:<{width}}  {d.ae_title}@{d.host}:{d.port}")
+        print(f"{d.name:<{width}}  {d.ae_title}@{d.host}:{d.port}{'  TLS' if d.tls else ''}")
     return EXIT_OK
 
 
@@ -335,12 +335,14 @@ def cmd_dest_add(args: argparse.Namespace) -> int:
     _check("--host", config.host_problem(args.host))
     port = _int_arg("--port", args.port)
     _check("--port", config.port_problem(port))
-    dest = Destination(args.name, args.ae.strip(), args.host, port)
+    dest = Destination(args.name, args.ae.strip(), args.host, port, tls=args.tls)
 
     def change(doc: TOMLDocument) -> str:
         if any(t.get("name") == dest.name for t in _tables(doc, DESTINATIONS) or []):
             raise AdminError(f"destination {dest.name!r} already exists; remove it first to change it")
-        values = {"name": dest.name, "ae_title": dest.ae_title, "host": dest.host, "port": dest.port}
+        values: dict[str, Any] = {"name": dest.name, "ae_title": dest.ae_title, "host": dest.host, "port": dest.port}
+        if dest.tls:
+            values["tls"] = True
         _append_table(doc, DESTINATIONS, values)
         return f"added destination {_dest_label(dest)}"
 
@@ -376,15 +378,21 @@ class EchoResult:
     elapsed_ms: int
 
 
-def echo(calling_ae: str, dest: Destination, timeout: float) -> EchoResult:
+def echo(calling_ae: str, dest: Destination, timeout: float, tls: TLSConfig | None = None) -> EchoResult:
     """Associate with ``dest`` as ``calling_ae`` and send one C-ECHO.
 
     Every network step is bounded by ``timeout`` seconds; the time reported
-    covers association and echo.
+    covers association and echo. A destination with ``tls`` is reached over
+    TLS with the ``tls`` settings.
     """
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+    tls_args = None
+    if dest.tls:
+        from node.tls import tls_args as make_tls_args
+
+        tls_args = make_tls_args(tls or TLSConfig(), dest.host)
     ae = AE(ae_title=calling_ae)
     ae.add_requested_context(Verification)
     ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
@@ -394,14 +402,14 @@ def echo(calling_ae: str, dest: Destination, timeout: float) -> EchoResult:
         return round((time.monotonic() - start) * 1000)
 
     try:
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
     except OSError as exc:  # the host name does not resolve
         return EchoResult(False, f"no association: cannot connect to {dest.host}: {exc.strerror or exc}", ms())
 
     rsp = assoc.acceptor.primitive  # the A-ASSOCIATE answer, None if there was none
     if not assoc.is_established:
         if rsp is None:
-            return EchoResult(False, f"no association: {_connect_problem(dest, timeout)}", ms())
+            return EchoResult(False, f"no association: {_connect_problem(dest, timeout, tls_args)}", ms())
         if assoc.is_rejected:
             reason = f"{rsp.result_str}, {rsp.source_str}: {rsp.reason_str}"
             return EchoResult(False, f"association rejected ({reason})", ms())
@@ -419,9 +427,14 @@ def echo(calling_ae: str, dest: Destination, timeout: float) -> EchoResult:
     return EchoResult(True, f"C-ECHO success (0x{STATUS_SUCCESS:04X})", elapsed)
 
 
-def _connect_problem(dest: Destination, timeout: float) -> str:
+def _connect_problem(dest: Destination, timeout: float, tls_args: Any = None) -> str:
     """Why no association answer came from ``dest``: try one TCP connection
-    (pynetdicom does not say whether connecting failed, or why)."""
+    (and TLS handshake), as pynetdicom does not say whether connecting failed, or why."""
+    if tls_args is not None:
+        from node.tls import handshake_problem
+
+        if (problem := handshake_problem(dest.host, dest.port, tls_args, timeout)) is not None:
+            return problem
     try:
         with socket.create_connection((dest.host, dest.port), timeout=timeout):
             return (f"{dest.host}:{dest.port} did not accept the association within {timeout:g} s"
@@ -444,7 +457,7 @@ def cmd_dest_echo(args: argparse.Namespace) -> int:
     dest = cfg.destination(args.name)
     if dest is None:
         raise AdminError(f"no destination {args.name!r}; see `ainode dest list`")
-    result = echo(cfg.node.ae_title, dest, timeout)
+    result = echo(cfg.node.ae_title, dest, timeout, cfg.tls)
     if result.ok:
         print(f"{_dest_label(dest)}: {result.detail} in {result.elapsed_ms} ms")
         return EXIT_OK
@@ -473,14 +486,49 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     n = cfg.node
     print(f"OK: {cfg.source or 'built-in defaults (no config file)'}")
     print(f"  AE title:     {n.ae_title}")
-    print(f"  listen:       {n.host}:{n.port}")
+    listen = f"{n.host}:{n.port}" if n.port else "plain port off ([node] port = 0)"
+    if cfg.tls.enabled:
+        listen += f", TLS on {n.host}:{cfg.tls.port}"
+    print(f"  listen:       {listen}")
     print(f"  storage:      {n.storage}")
     print(f"  redis:        {mask_url(cfg.redis.url) if cfg.redis.url else 'embedded'}")
     callers = str(len(cfg.callers)) if cfg.callers else "0 (any calling AE title is accepted)"
     print(f"  callers:      {callers}")
     dests = ", ".join(_dest_label(d) for d in cfg.destinations) or "none"
     print(f"  destinations: {dests}")
+    for line in _tls_summary(cfg):
+        print(f"  {line}")
+    audit = f"{cfg.audit_path}" + (f", syslog {cfg.audit.syslog}" if cfg.audit.syslog else "")
+    print(f"  audit:        {audit}")
     return EXIT_OK
+
+
+def _tls_summary(cfg: config.Config) -> list[str]:
+    """What ``[tls]`` does, in words: paths and certificate subjects, never a key's contents.
+
+    The certificate and key are loaded as the node would load them, so a key
+    that does not match its certificate fails the check.
+    """
+    from node.tls import client_context, describe_cert, server_context
+
+    t = cfg.tls
+    uses = t.enabled or any(d.tls for d in cfg.destinations)
+    if not uses:
+        return ["tls:          off"]
+    origin = str(cfg.source or "built-in defaults")
+    if t.enabled:
+        server_context(t, origin)
+    if any(d.tls for d in cfg.destinations):
+        client_context(t, origin)
+    out = [f"tls:          {'port ' + str(t.port) if t.enabled else 'listener off'}"
+           f"{', client certificate required' if t.enabled and t.require_client_cert else ''}"
+           f"{'' if t.check_hostname else ', destination host names not checked'}"]
+    if t.cert:
+        detail = describe_cert(t.cert)
+        out.append(f"  cert:       {t.cert}{f' ({detail})' if detail else ''}")
+        out.append(f"  key:        {t.key} (not shown)")
+    out.append(f"  ca:         {t.ca or 'system trust store (sending only)'}")
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -525,6 +573,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ae", required=True, metavar="AE", help="the destination's AE title")
     p.add_argument("--host", required=True, metavar="H", help="its IP address or host name")
     p.add_argument("--port", required=True, metavar="P", help="its TCP port")
+    p.add_argument("--tls", action="store_true", help="send over DICOM TLS (with the [tls] cert, key and CA)")
     p.set_defaults(func=_guarded(cmd_dest_add))
     p = dest_sub.add_parser("remove", help="remove a destination")
     p.add_argument("name", metavar="NAME")

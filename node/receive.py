@@ -2,7 +2,9 @@
 
 Handlers are plain functions with their dependencies bound in the handler
 list. The C-STORE handler never raises and does no heavy work: it checks,
-writes durably, arms the study's completion timer and returns a named status.
+writes durably, records the audit event durably, arms the study's completion
+timer and returns a named status. Every association accepted or rejected and
+every instance stored or refused is audited (see node.audit).
 """
 
 from __future__ import annotations
@@ -41,10 +43,12 @@ from pynetdicom.events import Event
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from node.audit import AuditError, AuditTrail
 from node.completion import Completion
 from node.config import Caller, Config
 from node.errors import InvalidUIDError
 from node.store import Storage, check_uid
+from node.tls import peer_subject
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +125,7 @@ class Receiver:
     completion: Completion
     policy: Policy
     min_free_mb: int
+    audit: AuditTrail
 
 
 def _peer(event: Event) -> str:
@@ -139,6 +144,25 @@ def handle_conn_open(event: Event) -> None:
             logger.debug("TCP_NODELAY not set: %s", exc)
 
 
+def _tls_subject(event: Event) -> str | None:
+    """The client certificate's subject on a TLS connection ('' with no certificate), None on plain TCP."""
+    sock = getattr(event.assoc.dul.socket, "socket", None)
+    if sock is None or not hasattr(sock, "getpeercert"):
+        return None
+    return peer_subject(sock) or ""
+
+
+def _audit_association(event: Event, receiver: Receiver, refusal: str | None) -> None:
+    assoc = event.assoc
+    rq = assoc.requestor.primitive
+    try:
+        receiver.audit.association(rq.calling_ae_title, assoc.requestor.address, assoc.requestor.port,
+                                   rq.called_ae_title, refusal, _tls_subject(event))
+    except AuditError as exc:  # its stores will be refused for the same reason
+        logger.error("Association from %s@%s: not audited: %s", rq.calling_ae_title.strip(),
+                     assoc.requestor.address, exc)
+
+
 def handle_requested(event: Event, receiver: Receiver) -> None:
     """Accept or reject an A-ASSOCIATE request by called AE, calling AE and host."""
     assoc = event.assoc
@@ -147,13 +171,34 @@ def handle_requested(event: Event, receiver: Receiver) -> None:
     address = assoc.requestor.address
     refusal = receiver.policy.check(calling, called, address)
     if refusal is None:
-        logger.info("Association from %s@%s to %s: accepted", calling.strip(), address, called.strip())
-        return
+        return  # pynetdicom may still reject it (association limit): audited by handle_rejected
     reason, why = refusal
     logger.warning("Association from %s@%s to %s: rejected, %s", calling.strip(), address, called.strip(), why)
     assoc.acse.send_reject(*reason)
-    evt.trigger(assoc, evt.EVT_REJECTED, {})
+    _audit_association(event, receiver, why)
     assoc.kill()
+
+
+def handle_accepted(event: Event, receiver: Receiver) -> None:
+    """Log and audit an association once its A-ASSOCIATE-AC is sent."""
+    assoc = event.assoc
+    rq = assoc.requestor.primitive
+    subject = _tls_subject(event)
+    tls = "" if subject is None else f" (TLS, client {subject or 'without certificate'})"
+    logger.info("Association from %s@%s to %s: accepted%s", rq.calling_ae_title.strip(), assoc.requestor.address,
+                rq.called_ae_title.strip(), tls)
+    _audit_association(event, receiver, None)
+
+
+def handle_rejected(event: Event, receiver: Receiver) -> None:
+    """Log and audit an association pynetdicom rejected itself (the association limit)."""
+    assoc = event.assoc
+    rq = assoc.requestor.primitive
+    rsp = assoc.acceptor.primitive
+    why = getattr(rsp, "reason_str", None) or "rejected by the DICOM layer"
+    logger.warning("Association from %s@%s to %s: rejected, %s", rq.calling_ae_title.strip(),
+                   assoc.requestor.address, rq.called_ae_title.strip(), why)
+    _audit_association(event, receiver, str(why))
 
 
 def handle_echo(event: Event) -> int:
@@ -162,9 +207,22 @@ def handle_echo(event: Event) -> int:
     return SUCCESS
 
 
-def _failure(status: int, comment: str, event: Event) -> Dataset:
-    """A status dataset with an Error Comment (at most 64 characters, LO)."""
+def _failure(
+    status: int, comment: str, event: Event, receiver: Receiver | None = None,
+    uids: tuple[Any, Any, Any] = (None, None, None),
+) -> Dataset:
+    """A status dataset with an Error Comment (at most 64 characters, LO), logged and audited.
+
+    ``uids``: (Study Instance UID, SOP Instance UID, SOP Class UID) as far as known.
+    """
     logger.warning("C-STORE from %s: status 0x%04X, %s", _peer(event), status, comment)
+    if receiver is not None:
+        study_uid, sop_uid, sop_class = (str(u)[:64] if u else None for u in uids)
+        try:
+            receiver.audit.store_refused(event.assoc.requestor.ae_title, event.assoc.requestor.address,
+                                         status, comment, study_uid, sop_uid, sop_class)
+        except AuditError as exc:
+            logger.error("C-STORE from %s: refusal not audited: %s", _peer(event), exc)
     ds = Dataset()
     ds.Status = status
     ds.ErrorComment = comment[:64]
@@ -198,16 +256,22 @@ def handle_store(event: Event, receiver: Receiver) -> int | Dataset:
         return _store(event, receiver)
     except Exception:  # the association must go on whatever one instance does
         logger.exception("C-STORE from %s: unexpected error", _peer(event))
-        return _failure(CANNOT_UNDERSTAND, "internal error while storing", event)
+        return _failure(CANNOT_UNDERSTAND, "internal error while storing", event, receiver, _request_uids(event))
+
+
+def _request_uids(event: Event) -> tuple[Any, Any, Any]:
+    request: Any = event.request
+    return None, getattr(request, "AffectedSOPInstanceUID", None), getattr(request, "AffectedSOPClassUID", None)
 
 
 def _store(event: Event, receiver: Receiver) -> int | Dataset:
     storage = receiver.storage
+    request: Any = event.request
+    known = _request_uids(event)
     free = storage.free_mb()
     if free < receiver.min_free_mb:
-        return _failure(OUT_OF_RESOURCES, f"storage has {free:.0f} MB free, below min_free_mb", event)
+        return _failure(OUT_OF_RESOURCES, f"storage has {free:.0f} MB free, below min_free_mb", event, receiver, known)
 
-    request: Any = event.request
     try:
         ds = event.dataset
         study_uid = ds.get("StudyInstanceUID")
@@ -216,23 +280,26 @@ def _store(event: Event, receiver: Receiver) -> int | Dataset:
         sop_class = ds.get("SOPClassUID")
         problem = truncation_problem(ds)
     except Exception as exc:  # pydicom raises many kinds on bad bytes
-        return _failure(CANNOT_UNDERSTAND, f"data set cannot be decoded: {type(exc).__name__}", event)
+        return _failure(CANNOT_UNDERSTAND, f"data set cannot be decoded: {type(exc).__name__}", event, receiver, known)
     if problem:
-        return _failure(CANNOT_UNDERSTAND, f"data set cannot be decoded: {problem}", event)
+        return _failure(CANNOT_UNDERSTAND, f"data set cannot be decoded: {problem}", event, receiver, known)
+    known = (study_uid, sop_uid or known[1], sop_class or known[2])
 
     for name, value in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid), ("SOPInstanceUID", sop_uid)):
         if not value:
-            return _failure(CANNOT_UNDERSTAND_MISSING_UID, f"{name} missing", event)
+            return _failure(CANNOT_UNDERSTAND_MISSING_UID, f"{name} missing", event, receiver, known)
     try:
         study_uid = check_uid(str(study_uid), "StudyInstanceUID")
         series_uid = check_uid(str(series_uid), "SeriesInstanceUID")
         sop_uid = check_uid(str(sop_uid), "SOPInstanceUID")
     except InvalidUIDError as exc:
-        return _failure(CANNOT_UNDERSTAND_INVALID_UID, str(exc), event)
+        return _failure(CANNOT_UNDERSTAND_INVALID_UID, str(exc), event, receiver, known)
     if sop_uid != request.AffectedSOPInstanceUID:
-        return _failure(CANNOT_UNDERSTAND_UID_MISMATCH, "SOPInstanceUID differs from the request's", event)
+        return _failure(CANNOT_UNDERSTAND_UID_MISMATCH, "SOPInstanceUID differs from the request's", event, receiver,
+                        known)
     if sop_class and str(sop_class) != request.AffectedSOPClassUID:
-        return _failure(DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from the request's", event)
+        return _failure(DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from the request's", event, receiver,
+                        known)
 
     meta = event.file_meta
     calling = event.assoc.requestor.ae_title.strip()
@@ -246,7 +313,13 @@ def _store(event: Event, receiver: Receiver) -> int | Dataset:
             study_uid, series_uid, sop_uid, (head.getbuffer(), request.DataSet.getbuffer())
         )
     except OSError as exc:
-        return _failure(OUT_OF_RESOURCES, f"cannot write: {exc.strerror or exc}", event)
+        return _failure(OUT_OF_RESOURCES, f"cannot write: {exc.strerror or exc}", event, receiver, known)
+    try:  # durable before Success: a crash loses no audit event of an acknowledged instance
+        receiver.audit.instance_stored(calling, event.assoc.requestor.address, study_uid, series_uid, sop_uid,
+                                       str(sop_class or request.AffectedSOPClassUID), replaced)
+    except AuditError as exc:
+        logger.error("Study %s: %s stored but not audited: %s", study_uid, sop_uid, exc)
+        return _failure(OUT_OF_RESOURCES, "cannot write the audit trail", event)
     receiver.completion.instance_stored(study_uid)
     logger.debug("Study %s: stored %s%s", study_uid, sop_uid, " (replaced)" if replaced else "")
     return SUCCESS
@@ -269,6 +342,8 @@ def handlers(receiver: Receiver) -> list[Any]:
     return [
         (evt.EVT_CONN_OPEN, handle_conn_open),
         (evt.EVT_REQUESTED, handle_requested, [receiver]),
+        (evt.EVT_ACCEPTED, handle_accepted, [receiver]),
+        (evt.EVT_REJECTED, handle_rejected, [receiver]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [receiver]),
     ]

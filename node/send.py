@@ -4,6 +4,9 @@ Sending is its own rq job per (study revision, destination), on its own queue,
 so a PACS outage retries only the send. A failed send is retried with
 exponential back-off for ``send.retry_hours``; after that it is dead-lettered
 (recorded, kept on disk) and ``ainode results resend`` sends it again.
+
+A destination with ``tls = true`` is reached over DICOM TLS (node.tls). Every
+attempt is audited: sent, failed (will be retried) or given up.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from redis import Redis
 from rq import Queue, Retry, get_current_job
 from rq.job import Job
 
-from node.config import Config, Destination
+from node.audit import Outcome
+from node.config import Config, Destination, TLSConfig
 from node.errors import AinodeError
 from node.store import Storage, write_atomic
 
@@ -32,6 +36,12 @@ SEND_QUEUE = "ainode-send"
 SEND_RESULT = "node.send.send_result"
 SUCCESS = 0x0000
 MAX_INTERVAL_S = 3600
+#: SOP Class UIDs of the SR classes a destination may ask for.
+SR_SOP_CLASSES = {
+    "comprehensive": "1.2.840.10008.5.1.4.1.1.88.33",
+    "enhanced": "1.2.840.10008.5.1.4.1.1.88.22",
+    "comprehensive3d": "1.2.840.10008.5.1.4.1.1.88.34",
+}
 
 
 class SendError(AinodeError):
@@ -76,8 +86,11 @@ class Delivery:
     seconds: float
 
 
-def c_store(path: Path, dest: Destination, calling_ae: str, timeout: float) -> Delivery:
-    """Send one Part 10 file by C-STORE; returns the peer's status or raises SendError."""
+def c_store(path: Path, dest: Destination, calling_ae: str, timeout: float, tls: TLSConfig | None = None) -> Delivery:
+    """Send one Part 10 file by C-STORE; returns the peer's status or raises SendError.
+
+    A destination with ``tls`` is reached over TLS with the ``tls`` settings.
+    """
     from pynetdicom import AE
 
     ds = dcmread(path)
@@ -85,14 +98,24 @@ def c_store(path: Path, dest: Destination, calling_ae: str, timeout: float) -> D
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
     ae.add_requested_context(ds.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    where = f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}{', TLS' if dest.tls else ''})"
+    tls_args = None
+    if dest.tls:
+        from node.tls import tls_args as make_tls_args
+
+        tls_args = make_tls_args(tls or TLSConfig(), dest.host)
     started = time.monotonic()
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
-    where = f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port})"
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
     if assoc.is_rejected:
         rsp = assoc.acceptor.primitive
         reason = getattr(rsp, "reason_str", None) or f"result 0x{getattr(rsp, 'result', 0):02X}"
         raise SendError(f"{where}: association rejected: {reason}")
     if not assoc.is_established:
+        if tls_args is not None and assoc.acceptor.primitive is None:
+            from node.tls import handshake_problem
+
+            if (problem := handshake_problem(dest.host, dest.port, tls_args, timeout)) is not None:
+                raise SendError(f"{where}: no association: {problem}")
         raise SendError(f"{where}: no association (refused, aborted or timed out)")
     try:
         status = assoc.send_c_store(ds)
@@ -150,15 +173,18 @@ def send_result(study_uid: str, revision: int, destination: str, force: bool = F
         _write_state(storage, study_uid, revision, destination, status="dropped",
                      reason="destination no longer configured", at=time.time())
         logger.warning("Study %s r%d: destination %s is no longer configured; not sent", study_uid, revision, destination)
+        ctx.audit.sr_sent(study_uid, revision, None, None, destination, "?", "?", Outcome.SERIOUS_FAILURE,
+                          "not sent: destination no longer configured")
         return "dropped"
     from node.worker import ensure_sr
 
     path = ensure_sr(ctx, study_uid, revision, dest.sr_class)
+    sr_uid, sr_class = path.stem, SR_SOP_CLASSES.get(dest.sr_class)
     job = get_current_job()
     attempts = int((previous or {}).get("attempts", 0)) + 1 if not force else 1
     try:
-        delivery = c_store(path, dest, cfg.node.ae_title, cfg.send.timeout_seconds)
-    except (SendError, OSError) as exc:
+        delivery = c_store(path, dest, cfg.node.ae_title, cfg.send.timeout_seconds, cfg.tls)
+    except (SendError, OSError, AinodeError) as exc:  # AinodeError: [tls] files that no longer load
         last = job is None or not job.retries_left
         _write_state(storage, study_uid, revision, destination, status="dead" if last else "retrying",
                      attempts=attempts, last_error=str(exc), at=time.time(), sr=str(path.name))
@@ -168,8 +194,13 @@ def send_result(study_uid: str, revision: int, destination: str, force: bool = F
         else:
             logger.warning("Study %s r%d: send to %s failed (attempt %d, will retry): %s",
                            study_uid, revision, destination, attempts, exc)
+        ctx.audit.sr_sent(study_uid, revision, sr_uid, sr_class, destination, dest.ae_title, dest.host,
+                          Outcome.SERIOUS_FAILURE if last else Outcome.MINOR_FAILURE,
+                          f"{'given up after' if last else 'will be retried after'} attempt {attempts}: {exc}")
         raise SendError(str(exc)) from None
     _write_state(storage, study_uid, revision, destination, status="sent", attempts=attempts,
                  status_code=f"0x{delivery.status:04X}", at=time.time(), sr=str(path.name))
+    ctx.audit.sr_sent(study_uid, revision, sr_uid, sr_class, destination, dest.ae_title, dest.host, Outcome.SUCCESS,
+                      f"sent{' over TLS' if dest.tls else ''}, status 0x{delivery.status:04X}, attempt {attempts}")
     logger.info("Study %s r%d: SR sent to %s in %.2f s", study_uid, revision, destination, delivery.seconds)
     return "sent"

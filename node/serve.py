@@ -1,7 +1,8 @@
 """``ainode serve``: the receiving node — SCP, storage, completion loop, Redis.
 
-One process: pynetdicom's server threads receive; the main thread runs the
-completion loop and handles signals (SIGHUP reload, SIGTERM/SIGINT stop).
+One process: pynetdicom's server threads receive (on the plain port, the TLS
+port or both); the main thread runs the completion loop and handles signals
+(SIGHUP reload, SIGTERM/SIGINT stop). Start, stop and every reload are audited.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 from redis import Redis
 
 from node import config as config_mod
+from node.audit import AuditError, AuditTrail, Outcome, open_trail
 from node.completion import Completion
 from node.config import Config
 from node.embedded_redis import EmbeddedRedis
@@ -26,6 +28,7 @@ from node.enqueue import JobQueue, redis_client
 from node.errors import ConfigError
 from node.receive import Policy, Receiver, build_ae, handlers
 from node.store import Storage
+from node.tls import server_context, start_tls_server
 
 logger = logging.getLogger(__name__)
 
@@ -104,27 +107,42 @@ class Node:
         self.reload_requested = threading.Event()
         self.storage = Storage(cfg.node.storage)
         self.embedded: EmbeddedRedis | None = None
-        self.server: Any = None
+        self.server: Any = None  # the plain SCP (None with node.port = 0)
+        self.tls_server: Any = None
+        self.audit: AuditTrail | None = None
 
     def start(self) -> None:
         cfg = self.cfg
         self.storage.prepare()
+        self.audit = open_trail(cfg.audit_path, cfg.node.ae_title, "serve", cfg.audit.syslog)
+        tls_context = server_context(cfg.tls, str(cfg.source or "config")) if cfg.tls.enabled else None
         self.redis, self.embedded = connect_redis(cfg)
         self.completion = Completion(self.storage, self.redis, cfg.completion, JobQueue(self.redis))
         self.completion.reconcile()
         self.policy = Policy(cfg.node.ae_title, cfg.callers)
-        self.receiver = Receiver(self.storage, self.completion, self.policy, cfg.node.min_free_mb)
+        self.receiver = Receiver(self.storage, self.completion, self.policy, cfg.node.min_free_mb, self.audit)
         self.ae = build_ae(cfg)
-        self.server = self.ae.start_server(
-            (cfg.node.host, cfg.node.port), block=False, evt_handlers=handlers(self.receiver)
-        )
+        ports = []
+        if cfg.node.port:
+            self.server = self.ae.start_server(
+                (cfg.node.host, cfg.node.port), block=False, evt_handlers=handlers(self.receiver)
+            )
+            ports.append(f"{cfg.node.host}:{cfg.node.port}")
+        if tls_context is not None:
+            self.tls_server = start_tls_server(
+                self.ae, (cfg.node.host, cfg.tls.port), tls_context, handlers(self.receiver), self.audit.tls_refused
+            )
+            required = ", client certificate required" if cfg.tls.require_client_cert else ""
+            ports.append(f"{cfg.node.host}:{cfg.tls.port} (TLS{required})")
         if not cfg.callers:
             logger.warning("No [[callers]] configured: any calling AE title is accepted")
         if self.pool is not None:
             self.pool.check()
+        self.audit.application(True, f"ainode {_version()} serving on {', '.join(ports)}")
         logger.info(
-            "ainode listening as %s on %s:%d, storage %s, Redis %s",
-            cfg.node.ae_title, cfg.node.host, cfg.node.port, cfg.node.storage,
+            "ainode listening as %s on %s, storage %s, audit %s%s, Redis %s",
+            cfg.node.ae_title, " and ".join(ports), cfg.node.storage, cfg.audit_path,
+            f" and syslog {self.audit.syslog.target}" if self.audit.syslog else "",
             "embedded" if self.embedded else _mask(cfg.redis.url),
         )
 
@@ -146,33 +164,52 @@ class Node:
         if self.cfg.source is None:
             logger.warning("SIGHUP: no config file to reload (built-in defaults)")
             return
+        old = self.cfg
         try:
             new = config_mod.load(self.cfg.source)
+            tls_context = server_context(new.tls, str(new.source)) if self.tls_server and new.tls.enabled else None
         except ConfigError as exc:
             logger.error("SIGHUP: config not reloaded, keeping the running one: %s", exc)
+            self._audit_reload(True, Outcome.SERIOUS_FAILURE, f"config not reloaded: {exc}")
             return
-        old = self.cfg
         for key in ("host", "port", "storage"):
             if getattr(new.node, key) != getattr(old.node, key):
                 logger.warning("SIGHUP: [node] %s changed; it takes effect at the next restart", key)
         if new.redis != old.redis:
             logger.warning("SIGHUP: [redis] changed; it takes effect at the next restart")
+        for key in ("enabled", "port"):
+            if getattr(new.tls, key) != getattr(old.tls, key):
+                logger.warning("SIGHUP: [tls] %s changed; it takes effect at the next restart", key)
+        if new.audit != old.audit:
+            logger.warning("SIGHUP: [audit] changed; it takes effect at the next restart")
+        if tls_context is not None:
+            self.tls_server.ssl_context = tls_context  # new connections get the new certificate, key and CA
         self.policy.update(new.node.ae_title, new.callers)
         self.ae.maximum_associations = new.node.max_associations
         self.ae.maximum_pdu_size = new.node.max_pdu
         self.receiver.min_free_mb = new.node.min_free_mb
         self.completion.update_config(new.completion)
         kept = replace(new.node, host=old.node.host, port=old.node.port, storage=old.node.storage)
-        self.cfg = replace(new, node=kept, redis=old.redis)
-        logger.info(
-            "SIGHUP: config reloaded from %s: %d callers, %d destinations",
-            new.source, len(new.callers), len(new.destinations),
-        )
+        tls = replace(new.tls, enabled=old.tls.enabled, port=old.tls.port)
+        self.cfg = replace(new, node=kept, redis=old.redis, tls=tls, audit=old.audit)
+        security = (new.node.ae_title, new.callers, new.tls) != (old.node.ae_title, old.callers, old.tls)
+        what = f"{len(new.callers)} callers, {len(new.destinations)} destinations"
+        self._audit_reload(security, Outcome.SUCCESS, f"config reloaded: {what}")
+        logger.info("SIGHUP: config reloaded from %s: %s", new.source, what)
+
+    def _audit_reload(self, security: bool, outcome: Outcome, description: str) -> None:
+        assert self.audit is not None
+        try:
+            self.audit.config_reloaded(self.cfg.source, security, outcome, description)
+        except AuditError as exc:
+            logger.error("SIGHUP: reload not audited: %s", exc)
 
     def stop(self) -> None:
-        """Stop accepting, let open associations finish (bounded), stop Redis."""
-        if self.server is not None:
-            self.server.shutdown()
+        """Stop accepting, let open associations finish (bounded), stop Redis, audit the stop."""
+        servers = [s for s in (self.server, self.tls_server) if s is not None]
+        for server in servers:
+            server.shutdown()
+        if servers:
             deadline = time.monotonic() + DRAIN_S
             while self.ae.active_associations and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -180,11 +217,18 @@ class Node:
                 logger.warning("Aborting %d association(s) still open at stop", len(self.ae.active_associations))
                 for assoc in self.ae.active_associations:
                     assoc.abort()
-            self.server = None
+            self.server = self.tls_server = None
         if self.pool is not None:
             self.pool.stop()
         if self.embedded is not None:
             self.embedded.stop()
+        if self.audit is not None:
+            try:
+                self.audit.application(False, "ainode stopped")
+            except AuditError as exc:
+                logger.error("Stop not audited: %s", exc)
+            self.audit.close()
+            self.audit = None
         logger.info("ainode stopped")
 
     def install_signal_handlers(self) -> None:
@@ -198,6 +242,12 @@ class Node:
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_hup)
+
+
+def _version() -> str:
+    from node import __version__
+
+    return __version__
 
 
 def _mask(url: str) -> str:

@@ -9,6 +9,9 @@ rq's non-forking :class:`~rq.SimpleWorker`; ``send`` workers run
 Jobs are idempotent: a revision whose outcome is recorded is not analysed
 again, and the SR's UIDs derive from (device, study, revision, SR class), so a
 rerun after a crash writes the same SR, not a second one.
+
+Every job start and end, and every worker start and stop, is audited (see
+node.audit) in the same audit file as the SCP's events.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from redis import Redis
 from rq import Queue, SimpleWorker, get_current_job
 
 from node import __version__
+from node.audit import Action, AuditTrail, Outcome, open_trail
 from node.config import Config
 from node.enqueue import QUEUE_NAME, redis_client
 from node.errors import AinodeError, NoUsableSeriesError, VolumeError
@@ -56,6 +60,16 @@ class WorkerContext:
     redis: Redis
     _model: Any = field(default=None, repr=False)
     _mtime: float = 0.0
+    _audit: AuditTrail | None = field(default=None, repr=False)
+    role: str = "analyse"
+
+    @property
+    def audit(self) -> AuditTrail:
+        """This process's audit trail, opened on first use."""
+        if self._audit is None:
+            self._audit = open_trail(self.cfg.audit_path, self.cfg.node.ae_title, f"worker-{self.role}",
+                                     self.cfg.audit.syslog)
+        return self._audit
 
     def refresh(self) -> Config:
         """The config, re-read if its file changed (destinations added or fixed by an admin).
@@ -155,11 +169,22 @@ def analyse_study(study_uid: str, revision: int) -> str:
     """The rq job queued by completion: analyse one revision of a study."""
     ctx = context()
     storage = ctx.storage
+    audit = ctx.audit
+    audit.job(study_uid, revision, Action.READ, Outcome.SUCCESS, "analysis started")
     outcome = read_outcome(storage, study_uid, revision)
     if outcome is None:
-        outcome = _analyse(ctx, study_uid, revision)
+        try:
+            outcome = _analyse(ctx, study_uid, revision)
+        except Exception as exc:
+            job = get_current_job()
+            last = job is None or not job.retries_left
+            audit.job(study_uid, revision, Action.READ, Outcome.SERIOUS_FAILURE if last else Outcome.MINOR_FAILURE,
+                      f"analysis failed{'' if last else ', will be retried'}: {type(exc).__name__}: {exc}")
+            raise
+        _audit_outcome(audit, outcome)
     else:
         logger.info("Study %s r%d: already %s, not analysed again", study_uid, revision, outcome["status"])
+        audit.job(study_uid, revision, Action.READ, Outcome.SUCCESS, f"already {outcome['status']}, not analysed again")
     if outcome["status"] == "analysed":
         from node.send import enqueue_send
 
@@ -167,6 +192,18 @@ def analyse_study(study_uid: str, revision: int) -> str:
         for dest in cfg.destinations:
             enqueue_send(ctx.redis, cfg, study_uid, revision, dest.name)
     return str(outcome["status"])
+
+
+def _audit_outcome(audit: AuditTrail, outcome: dict[str, Any]) -> None:
+    """The end of an analysis: C (its SRs made), or why there is no result."""
+    study_uid, revision, status = outcome["study_uid"], outcome["revision"], outcome["status"]
+    if status == "analysed":
+        srs = sorted(name.removesuffix(".dcm") for name in outcome.get("sr", {}).values())
+        audit.job(study_uid, revision, Action.CREATE, Outcome.SUCCESS, f"analysed, {len(srs)} SR(s) made", srs)
+    elif status == "no_result":
+        audit.job(study_uid, revision, Action.READ, Outcome.MINOR_FAILURE, f"no result: {outcome.get('reason', '')}")
+    else:
+        audit.job(study_uid, revision, Action.READ, Outcome.SERIOUS_FAILURE, f"failed: {outcome.get('reason', '')}")
 
 
 def _analyse(ctx: WorkerContext, study_uid: str, revision: int) -> dict[str, Any]:
@@ -299,12 +336,18 @@ def run_worker(cfg: Config, role: str = "analyse", *, burst: bool = False) -> in
     storage = Storage(cfg.node.storage)
     storage.prepare()
     redis = redis_for(cfg)
-    ctx = WorkerContext(cfg, storage, redis)
+    ctx = WorkerContext(cfg, storage, redis, role=role)
     set_context(ctx)
+    audit = ctx.audit  # opened now: a bad audit path stops the worker at start
     if role == "analyse":
         model = ctx.model  # load once, now: a bad model stops the worker at start, not at the first job
         logger.info("Worker ready: model %s %s on %s", model.card.name, model.card.version, ", ".join(model.providers))
     name = f"ainode-{role}-{socket.gethostname()}-{os.getpid()}"
     worker = SimpleWorker(queues_for(role, redis), connection=redis, name=name)
-    worker.work(burst=burst, with_scheduler=True, logging_level=logging.getLevelName(logging.getLogger().level))
+    audit.application(True, f"worker {name} started")
+    try:
+        worker.work(burst=burst, with_scheduler=True, logging_level=logging.getLevelName(logging.getLogger().level))
+    finally:
+        audit.application(False, f"worker {name} stopped")
+        audit.close()
     return 0
