@@ -24,7 +24,7 @@ from node import audit as audit_mod
 from node import config
 from node.audit import Action, AuditError, AuditTrail, Outcome, SyslogSender
 from node.errors import ConfigError
-from tests.peers import NodeProcess, echoscu, free_port, have, short_tmp, storescu, wait_until
+from tests.peers import NodeProcess, echoscu, free_port, have, scu_store, short_tmp, storescu, wait_until
 
 PATIENT_NAME = "AUDIT^SECRET^NAME"
 PATIENT_ID = "PID-SECRET-4242"
@@ -49,7 +49,7 @@ def test_store_rejected_association_and_failed_send_in_order(nodes, tmp_path):
     from tests.test_tls import write_sr
 
     closed = free_port()  # nothing listens there: the send fails
-    node = NodeProcess(short_tmp(), quiet=600, callers=[("STORESCU", None)], extra_config=(
+    node = NodeProcess(short_tmp(), quiet=600, callers=[("STORESCU", None), ("PYSCU", None)], extra_config=(
         f'[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = {closed}\n'))
     nodes.append(node.start())
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
@@ -59,6 +59,10 @@ def test_store_rejected_association_and_failed_send_in_order(nodes, tmp_path):
     ds.save_as(tmp_path / "ct.dcm")
     assert storescu([tmp_path / "ct.dcm"], node.port).returncode == 0
     assert echoscu(node.port, calling="INTRUDER").returncode != 0
+    bad = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    bad.StudyInstanceUID = "1.2.3.x"
+    bad.SOPInstanceUID = bad.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    assert scu_store(node.port, [bad]) == [0xC002]
 
     # The send job, here in the test process: a second process appending to the same trail.
     cfg = config.load(node.config)
@@ -88,10 +92,15 @@ def test_store_rejected_association_and_failed_send_in_order(nodes, tmp_path):
         ("110113", "E", 0),  # Security Alert / Node Authentication: association accepted
         ("110104", "C", 0),  # DICOM Instances Transferred: stored
         ("110113", "E", 4),  # association rejected
+        ("110113", "E", 0),  # accepted (PYSCU)
+        ("110104", "C", 4),  # instance refused: its Study Instance UID is not a UID
         ("110104", "R", 8),  # the SR could not be sent: given up
         ("110100", "E", 0),  # Application Activity: stopped
     ]
-    start, accepted, stored, rejected, send, stop = events
+    start, accepted, stored, rejected, _, refused, send, stop = events
+    assert refused["outcome_description"].startswith("refused with status 0xC002: StudyInstanceUID '1.2.3.x'")
+    assert refused["objects"][0]["id"] == "1.2.3.x" and refused["objects"][0]["description"]["instances"] == [
+        bad.SOPInstanceUID]
     assert start["event_type"][0] == {"code": "110120", "scheme": "DCM", "meaning": "Application Start"}
     assert stop["event_type"][0]["code"] == "110121"
     assert accepted["event_type"][0]["code"] == rejected["event_type"][0]["code"] == "110126"
@@ -319,3 +328,35 @@ def test_syslog_outage_drops_never_blocks(tmp_path):
     for i in range(5):
         full.submit({"outcome": 0, "event_id": {"code": "110100"}}, b"{}")
     assert full.dropped == 3
+
+
+def test_analysis_job_start_and_end_audited(tmp_path):
+    """A study the model cannot use: the job is audited as started (R, 0), then without result (R, 4)."""
+    from node.config import Config, NodeConfig
+    from node.enqueue import job_id
+    from node.store import Revision, Storage
+    from node.worker import WorkerContext, analyse_study, set_context
+
+    storage = Storage(tmp_path / "storage")
+    storage.prepare()
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))  # one slice: fewer than [series] min_slices
+    study = str(ds.StudyInstanceUID)
+    storage.write_instance(study, ds.SeriesInstanceUID, ds.SOPInstanceUID,
+                           [Path(get_testdata_file("CT_small.dcm")).read_bytes()])
+    storage.write_revision(Revision(study, 1, {ds.SOPInstanceUID: ds.SeriesInstanceUID}, 0.0, "quiet",
+                                    job_id(study, 1)))
+    ctx = WorkerContext(Config(node=NodeConfig(storage=storage.root)), storage, None)  # type: ignore[arg-type]
+    set_context(ctx)
+    try:
+        assert analyse_study(study, 1) == "no_result"
+        assert analyse_study(study, 1) == "no_result"  # a rerun: recorded, not analysed again
+    finally:
+        ctx.audit.close()
+        set_context(None)  # type: ignore[arg-type]
+    events = read_events(storage.root / "audit.jsonl")
+    assert [summary(e) for e in events] == [("110103", "R", 0), ("110103", "R", 4), ("110103", "R", 0),
+                                            ("110103", "R", 0)]
+    assert events[1]["outcome_description"].startswith("no result: ")
+    assert events[3]["outcome_description"] == "already no_result, not analysed again"
+    assert all(e["objects"][0]["id"] == study and e["objects"][0]["detail"] == {"revision": 1} for e in events)
+    assert events[0]["source"]["process"] == "worker-analyse"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -365,3 +366,29 @@ def test_contexts_are_tls12_or_later(pki):
     assert server.minimum_version == client.minimum_version == ssl.TLSVersion.TLSv1_2
     assert server.verify_mode == ssl.CERT_REQUIRED and client.verify_mode == ssl.CERT_REQUIRED
     assert client.check_hostname
+
+
+def test_sighup_swaps_the_certificate_and_audits_the_reload(nodes, pki):
+    node = start_tls_node(nodes, pki, plain=False)
+
+    def served_cn() -> str:
+        ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        ctx.load_cert_chain(str(pki / "ct01.pem"), str(pki / "ct01.key"))
+        with socket.create_connection(("127.0.0.1", node.tls_port), timeout=5) as raw:
+            with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                return dict(x[0] for x in tls.getpeercert()["subject"])["commonName"]
+
+    assert served_cn() == "node"
+    text = node.config.read_text()
+    node.config.write_text(text.replace(str(pki / "node."), str(pki / "pacs.")))
+    node.signal(signal.SIGHUP)
+    wait_until(lambda: "config reloaded" in node.log_text(), 10, "the reload")
+    assert served_cn() == "pacs"  # new connections get the new certificate, no restart
+    node.config.write_text(text.replace(f'key = "{pki / "node.key"}"', f'key = "{pki / "ct01.key"}"'))
+    node.signal(signal.SIGHUP)  # a key that does not match: refused, the running certificate kept
+    wait_until(lambda: "config not reloaded" in node.log_text(), 10, "the refused reload")
+    assert served_cn() == "pacs"
+    reloads = [e for e in audit_events(node) if e["event_type"][0]["code"] in ("110129", "110131")]
+    assert [(e["event_type"][0]["code"], e["outcome"]) for e in reloads] == [("110129", 0), ("110129", 8)]
+    assert "does not load with cert" in reloads[1]["outcome_description"]
+    assert "PRIVATE KEY" not in node.log_text() + json.dumps(reloads)
