@@ -22,7 +22,8 @@ from pydicom.uid import generate_uid
 
 from node import audit as audit_mod
 from node import config
-from node.audit import Action, AuditError, AuditTrail, Outcome, SyslogSender
+from node.audit import Action, AuditError, AuditTrail, Outcome
+from node.syslog import SyslogSender
 from node.errors import ConfigError
 from tests.peers import NodeProcess, echoscu, free_port, have, scu_store, short_tmp, storescu, wait_until
 
@@ -106,7 +107,8 @@ def test_store_rejected_association_and_failed_send_in_order(nodes, tmp_path):
     assert accepted["event_type"][0]["code"] == rejected["event_type"][0]["code"] == "110126"
     assert accepted["participants"][0]["alt_user_id"] == "AETITLE=STORESCU"
     assert accepted["participants"][0]["address"] == "127.0.0.1" and accepted["participants"][0]["address_type"] == 2
-    assert "association rejected: calling AE title 'INTRUDER' is not an allowed caller" == rejected["outcome_description"]
+    assert rejected["outcome_description"] == \
+        "association rejected: calling AE title 'INTRUDER' is not an allowed caller"
     source, dest = stored["participants"]
     assert (source["user_id"], source["requestor"], source["role"]["code"]) == ("STORESCU", True, "110153")
     assert (dest["user_id"], dest["role"]["code"]) == ("AINODE", "110152")
@@ -114,7 +116,8 @@ def test_store_rejected_association_and_failed_send_in_order(nodes, tmp_path):
     assert obj["id"] == study and obj["id_type"]["code"] == "110180" and (obj["type"], obj["role"]) == (2, 3)
     assert obj["description"] == {"sop_class": {"uid": ds.SOPClassUID, "count": 1},
                                   "series": ds.SeriesInstanceUID, "instances": [ds.SOPInstanceUID]}
-    assert send["participants"][1]["alt_user_id"] == "AETITLE=PACS" and send["participants"][1]["role"]["code"] == "110152"
+    assert send["participants"][1]["alt_user_id"] == "AETITLE=PACS"
+    assert send["participants"][1]["role"]["code"] == "110152"
     assert send["objects"][0]["description"]["instances"] == [sr_uid]
     assert send["outcome_description"].startswith("given up after attempt 1:")
     assert send["source"]["process"] == "worker-send" and send["source"]["pid"] == os.getpid()

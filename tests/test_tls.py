@@ -126,7 +126,8 @@ def test_config_check_shows_tls_without_secrets(pki, tmp_path, capsys):
     cfg = tmp_path / "ainode.toml"
     cfg.write_text(f'[node]\nport = 0\nstorage = "{tmp_path}"\n' + tls_section(pki, port=2762)
                    + '[audit]\nsyslog = "tcp://127.0.0.1:6514"\n'
-                   + '[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = 2762\ntls = true\n')
+                   + '[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = 2762\n'
+                   + "tls = true\n")
     assert main(["--config", str(cfg), "config", "check"]) == 0
     out = capsys.readouterr().out
     assert "plain port off" in out and "TLS on 127.0.0.1:2762" in out
