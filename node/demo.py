@@ -126,7 +126,11 @@ def run_demo(keep: bool = False, slices: int | None = None) -> int:
         print(f"  study            {sr.StudyInstanceUID}")
         print(f"  probability      {summary['probability']:.3f} (threshold {summary.get('threshold', '?')})")
         print(f"  result           {summary.get('qualitative', '?')}")
-        print(f"  key images       {', '.join(summary.get('key_image_uids', []))}")
+        keys = summary.get("key_image_uids", [])
+        numbers = [str(dcmread(work / "ct" / f"{uid}.dcm", stop_before_pixels=True).InstanceNumber)
+                   for uid in keys if (work / "ct" / f"{uid}.dcm").exists()]
+        where = " (the labelled lung1 nodule is on 33-35)" if slices is None else ""
+        print(f"  key slices       instance numbers {', '.join(numbers)}{where}")
         print("  content tree:")
         for line in content_tree(sr):
             print("    " + line)
