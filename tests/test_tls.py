@@ -210,6 +210,7 @@ def test_dcmtk_and_pynetdicom_clients_associate_over_tls(tls_node, pki, tmp_path
     assert pynetdicom_store(node.tls_port, pki, "ct01") == (True, 0)
     assert len(node.stored_files()) == 2
     assert "(TLS, client CN=ct01,O=ainode tests)" in node.log_text()
+    assert "TCP_NODELAY not set" not in node.log_text()  # set on the TLS connections' sockets too
     with socket.socket() as s:  # the plain port is off
         assert s.connect_ex(("127.0.0.1", node.port)) != 0
     accepted = [e for e in audit_events(node) if e["event_id"]["code"] == "110113" and e["outcome"] == 0]
