@@ -35,13 +35,16 @@ logger = logging.getLogger(__name__)
 TICK_S = 0.25
 DRAIN_S = 30.0
 WORKER_STOP_S = 60.0
-WORKER_RESTART_S = 10.0
+WORKER_RESTART_S = 5.0  # the first restart delay; doubles while a worker keeps dying at start
+WORKER_RESTART_MAX_S = 300.0
+WORKER_QUICK_EXIT_S = 60.0
 
 
 class WorkerPool:
     """The worker processes ``ainode serve`` runs beside the SCP: one sender, N analysers.
 
-    A worker that dies is started again (at most every WORKER_RESTART_S);
+    A worker that dies is started again, after a delay that doubles (up to
+    WORKER_RESTART_MAX_S) while it keeps dying soon after its start (a bad model, say);
     at stop each gets SIGTERM (rq finishes the job in hand) and then SIGKILL.
     """
 
@@ -51,6 +54,8 @@ class WorkerPool:
         self.log_level = log_level
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * len(self.roles)
         self.started_at = [0.0] * len(self.roles)
+        self.retry_at = [0.0] * len(self.roles)
+        self.failures = [0] * len(self.roles)  # exits soon after a start, in a row
 
     def _command(self, role: str) -> list[str]:
         cmd = [sys.executable, "-m", "node", "--log-level", self.log_level]
@@ -66,8 +71,13 @@ class WorkerPool:
             if proc is not None and proc.poll() is None:
                 continue
             if proc is not None:
-                logger.error("Worker %d (%s, pid %d) exited with code %s", i, role, proc.pid, proc.returncode)
-            if now - self.started_at[i] < WORKER_RESTART_S:
+                quick = now - self.started_at[i] < WORKER_QUICK_EXIT_S
+                self.failures[i] = self.failures[i] + 1 if quick else 0
+                self.retry_at[i] = now + min(WORKER_RESTART_S * 2 ** self.failures[i], WORKER_RESTART_MAX_S)
+                logger.error("Worker %d (%s, pid %d) exited with code %s; starting it again in %.0f s",
+                             i, role, proc.pid, proc.returncode, self.retry_at[i] - now)
+                self.procs[i] = None
+            if now < self.retry_at[i]:
                 continue
             self.procs[i] = subprocess.Popen(self._command(role), stdin=subprocess.DEVNULL)
             self.started_at[i] = now
