@@ -1,0 +1,258 @@
+"""The training package: real TensorFlow on a tiny config, the loaders, metrics, the bundled model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from node.model_card import ModelCard
+from node.preprocessing import PREPROCESSING_VERSION, prepare_slices
+from training.config import load_config
+from training.data import (
+    BENIGN,
+    IGNORE,
+    MALIGNANT,
+    Case,
+    DicomFolderSource,
+    build_slices,
+    split_cases,
+)
+from training.errors import ConfigError, DataError
+from training.lidc import lidc_label, lidc_study_label
+from training.metrics import aggregate, binary_metrics, roc_auc, youden_threshold
+from training.synthetic import NoduleTraits, SyntheticSource, is_malignant
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "training" / "configs" / "tiny.toml"
+BUNDLED = REPO / "node" / "models" / "ainode-lung-ct.onnx"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.timeout(240)
+def test_tiny_run_goes_from_data_to_a_scoring_onnx_session(tmp_path, lung1_image_path, lung1, capsys):
+    """data -> train -> metrics.json + PNGs -> ONNX -> parity -> card -> onnxruntime scores a real volume."""
+    pytest.importorskip("tensorflow")
+    import onnxruntime as ort
+
+    from training.__main__ import main
+
+    out = tmp_path / "run"
+    rc = main(["--config", str(TINY), "--out-dir", str(out), "--lung1", str(lung1_image_path)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    onnx_path = out / "ainode-tiny.onnx"
+    assert str(onnx_path) in printed and "metrics.json" in printed
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    for level in ("study", "slice"):
+        for key in ("accuracy", "precision", "recall", "f1", "roc_auc", "confusion_matrix", "brier"):
+            assert key in metrics[level], (level, key)
+    assert metrics["parity"]["max_abs_diff"] <= 1e-5
+    assert len(json.loads((out / "history.json").read_text())) == 2  # one record per epoch
+    for png in ("roc.png", "confusion.png"):
+        assert (out / png).read_bytes()[:8] == PNG_MAGIC
+
+    card = ModelCard.read(onnx_path)
+    card.check(onnx_path, PREPROCESSING_VERSION)
+    assert card.input_shape == [None, 32, 32, 3] and card.aggregation == "top3_mean"
+    assert 0.0 <= card.threshold <= 1.0 and "Youden" in card.threshold_method
+    assert "semi-synthetic, demo only, not for clinical use" in card.intended_use
+    assert card.evaluation["lung1"]["nodule_label_used_in_training"] is False
+
+    volume = lung1[0]
+    x = prepare_slices(volume, size=card.size, context=card.context, hu_window=tuple(card.window))
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].name == card.input_name
+    assert not isinstance(session.get_inputs()[0].shape[0], int)  # dynamic batch
+    (scores,) = session.run([card.output_name], {card.input_name: x})
+    assert scores.shape == (volume.shape[0], 1)
+    assert np.all((scores >= 0) & (scores <= 1))
+    assert card.evaluation["lung1"]["top_slice"] == int(np.argmax(scores[:, 0]))
+
+
+# --------------------------------------------------------------------------- semi-synthetic set
+
+
+@pytest.mark.parametrize(
+    ("traits", "malignant"),
+    [
+        (NoduleTraits(12, "solid", "smooth", "none"), True),
+        (NoduleTraits(9, "solid", "lobulated", "none"), False),
+        (NoduleTraits(6, "solid", "spiculated", "none"), True),
+        (NoduleTraits(5, "solid", "spiculated", "none"), False),
+        (NoduleTraits(25, "solid", "smooth", "popcorn"), False),
+        (NoduleTraits(8, "part_solid", "smooth", "none"), True),
+        (NoduleTraits(19, "ground_glass", "lobulated", "none"), False),
+        (NoduleTraits(21, "ground_glass", "smooth", "none"), True),
+    ],
+)
+def test_labelling_rule(traits, malignant):
+    assert is_malignant(traits) is malignant
+
+
+def test_semi_synthetic_set_is_deterministic_and_labelled_by_its_nodules(lung1_image_path):
+    a = SyntheticSource(volumes=6, slices_per_volume=4, seed=3, lung1_path=lung1_image_path)
+    b = SyntheticSource(volumes=6, slices_per_volume=4, seed=3, lung1_path=lung1_image_path)
+    assert a.cases() == b.cases()
+    for case in a.cases():
+        va, vb = a.load(case), b.load(case)
+        assert np.array_equal(va.hu, vb.hu) and np.array_equal(va.slice_labels, vb.slice_labels)
+        assert va.hu.dtype == np.int16 and va.hu.shape[0] == 4
+        assert case.label == int(any(is_malignant(t) for t in a.plan(case).nodules))
+        assert (va.slice_labels == MALIGNANT).any() == (case.label == MALIGNANT)
+    other = SyntheticSource(volumes=6, slices_per_volume=4, seed=4, lung1_path=lung1_image_path)
+    assert not np.array_equal(other.load(other.cases()[0]).hu, a.load(a.cases()[0]).hu)
+
+
+def test_split_is_by_patient_and_an_empty_split_is_named():
+    cases = [Case(f"s{i}", f"p{i // 2}", i % 4 == 0) for i in range(40)]
+    cases = [Case(c.case_id, c.patient_id, int(c.label)) for c in cases]
+    parts = split_cases(cases, 0.2, 0.2, seed=1)
+    owners = {split: {c.patient_id for c in cs} for split, cs in parts.items()}
+    assert not owners["train"] & owners["val"] and not owners["train"] & owners["test"]
+    assert not owners["val"] & owners["test"]
+    assert sum(len(cs) for cs in parts.values()) == 40
+    with pytest.raises(DataError, match="split 'val'|split 'test'"):
+        split_cases([Case("a", "pa", 0), Case("b", "pb", 1)], 0.2, 0.2, seed=1)
+
+
+# --------------------------------------------------------------------------- DICOM folder + labels.csv
+
+
+def _write_studies(root: Path, lung1_volume: np.ndarray, n: int) -> list[str]:
+    from node.sample import write_ct_series
+
+    uids = []
+    for i in range(n):
+        vol = lung1_volume[10 + i : 16 + i, ::8, ::8]  # 6 real slices, 64 x 64
+        study = f"1.2.826.0.1.3680043.8.498.{1000 + i}"
+        write_ct_series(vol, (5.0, 4.5625, 4.5625), root / f"study{i}", study_uid=study, patient_id=f"P{i}")
+        uids.append(study)
+    return uids
+
+
+def test_labels_csv_loader_reads_real_dicom_studies(tmp_path, lung1):
+    uids = _write_studies(tmp_path / "dicom", lung1[0], 3)
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"StudyInstanceUID,label,slices\n{uids[0]},malignant,2-3\n{uids[1]},benign,\n{uids[2]},1,\n")
+    source = DicomFolderSource(tmp_path / "dicom", labels)
+    cases = {c.case_id: c for c in source.cases()}
+    assert [cases[u].label for u in uids] == [MALIGNANT, BENIGN, MALIGNANT]
+    assert cases[uids[1]].patient_id == "P1"
+    vol = source.load(cases[uids[0]])
+    assert vol.hu.shape == (6, 64, 64) and vol.spacing[0] == pytest.approx(5.0)
+    assert np.array_equal(vol.hu, lung1[0][10:16, ::8, ::8])  # HU survive the DICOM round trip
+    assert vol.slice_labels.tolist() == [0, 0, 1, 1, 0, 0]
+    assert source.load(cases[uids[2]]).slice_labels.tolist() == [1] * 6  # no range: every slice
+    s = build_slices(source, [cases[uids[0]]], size=16, context=1)
+    assert s.x.shape == (6, 16, 16, 3) and s.y.tolist() == [0, 0, 1, 1, 0, 0]
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ("1.2.3.4.5,malignant", r"row 3: study 1\.2\.3\.4\.5 not found"),
+        ("{uid1},maybe", r"row 3: unknown label 'maybe'"),
+        ("{uid0},benign", r"row 3: study .* listed twice"),
+        ("{uid1},malignant,4-9", r"row 3: slice range 4-9 beyond the 6 slices"),
+    ],
+)
+def test_labels_csv_errors_name_the_row(tmp_path, lung1, row, message):
+    uids = _write_studies(tmp_path / "dicom", lung1[0], 2)
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"StudyInstanceUID,label,slices\n{uids[0]},benign,\n{row.format(uid0=uids[0], uid1=uids[1])}\n")
+    with pytest.raises(DataError, match=message):
+        source = DicomFolderSource(tmp_path / "dicom", labels)
+        for case in source.cases():
+            source.load(case)
+
+
+# --------------------------------------------------------------------------- LIDC-IDRI via pylidc
+
+
+def test_lidc_rule():
+    assert lidc_label(4.0) == MALIGNANT and lidc_label(5) == MALIGNANT
+    assert lidc_label(2.0) == BENIGN and lidc_label(1.5) == BENIGN
+    assert lidc_label(3.0) == IGNORE and lidc_label(3.75) == IGNORE and lidc_label(2.25) == IGNORE
+
+
+def test_lidc_annotation_database_gives_labelled_nodules(tmp_path):
+    from training.lidc import LidcSource, import_pylidc, lidc_nodules
+
+    try:
+        pl = import_pylidc()
+    except DataError as exc:
+        pytest.skip(str(exc))
+    scans = pl.query(pl.Scan).filter(pl.Scan.patient_id == "LIDC-IDRI-0078").all()
+    assert scans, "LIDC-IDRI-0078 is in pylidc's annotation database"
+    nodules = lidc_nodules(scans[0])
+    assert nodules
+    for n in nodules:
+        assert all(1 <= r <= 5 for r in n.ratings) and 1 <= len(n.ratings) <= 4
+        assert n.label == lidc_label(n.mean_rating) and n.slices == tuple(sorted(n.slices))
+    assert sum(len(n.ratings) for n in nodules) == len(scans[0].annotations)
+    assert lidc_study_label(nodules) in (MALIGNANT, BENIGN, None)
+    (tmp_path / "lidc").mkdir()
+    with pytest.raises(DataError, match="no LIDC-IDRI scan"):
+        LidcSource(tmp_path / "lidc").cases()
+
+
+# --------------------------------------------------------------------------- metrics and config
+
+
+def test_metrics_of_record():
+    y = np.array([0, 0, 1, 1, 0, 1])
+    s = np.array([0.1, 0.4, 0.35, 0.8, 0.2, 0.9])
+    assert roc_auc(y, s) == pytest.approx(8 / 9)
+    m = binary_metrics(y, s, 0.5)
+    assert m["confusion_matrix"] == [[3, 0], [1, 2]]
+    assert m["precision"] == 1.0 and m["recall"] == pytest.approx(2 / 3) and m["accuracy"] == pytest.approx(5 / 6)
+    assert m["brier"] == pytest.approx(np.mean((s - y) ** 2))
+    t = youden_threshold(y, s)
+    assert 0.2 < t <= 0.35 and binary_metrics(y, s, t)["recall"] == 1.0
+    assert aggregate(np.array([0.1, 0.9, 0.5, 0.7]), "top3_mean") == pytest.approx(0.7)
+    assert aggregate(np.array([0.1, 0.9]), "max") == 0.9
+
+
+def test_config_names_the_bad_key(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[model]\narch = "default"\nsize = 128\ncontxt = 1\n')
+    with pytest.raises(ConfigError, match="contxt"):
+        load_config(bad)
+    bad.write_text('[model]\narch = "resnet"\n')
+    with pytest.raises(ConfigError, match="model.arch"):
+        load_config(bad)
+    assert load_config(TINY).model.size == 32
+
+
+# --------------------------------------------------------------------------- the bundled model
+
+
+@pytest.mark.skipif(not BUNDLED.is_file(), reason="no bundled model in node/models")
+def test_bundled_model_has_a_truthful_card_and_runs(lung1):
+    import onnxruntime as ort
+
+    card = ModelCard.read(BUNDLED)
+    card.check(BUNDLED, PREPROCESSING_VERSION)
+    assert BUNDLED.stat().st_size <= 20 * 1024 * 1024
+    assert "semi-synthetic, demo only, not for clinical use" in card.intended_use
+    assert "semi-synthetic, demo only, not for clinical use" in card.training_data
+    assert card.aggregation in ("top3_mean", "max") and card.evaluation.get("lung1")
+    session = ort.InferenceSession(str(BUNDLED), providers=["CPUExecutionProvider"])
+    x = np.zeros((2, card.size, card.size, 2 * card.context + 1), dtype=np.float32)
+    (p,) = session.run([card.output_name], {card.input_name: x})
+    assert p.shape == (2, 1)
+
+    # the worker's own path gives what the card's real-anatomy evaluation says
+    from node.infer import Model
+
+    analysis = Model(BUNDLED, "cpu").analyse(lung1[0])
+    e = card.evaluation["lung1"]
+    assert analysis.key_slices[0] == e["top_slice"]
+    assert analysis.score == pytest.approx(e["study_score"], abs=1e-3)

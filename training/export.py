@@ -1,0 +1,121 @@
+"""ONNX export (tf2onnx), the ONNX-vs-TensorFlow check, and the model card beside the .onnx.
+
+``tf2onnx.convert.from_keras`` fails on Keras 3 models, so the model is wrapped
+in a ``tf.function`` with an explicit, named input signature (dynamic batch)
+and converted with ``from_function``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.errors import ExportError
+from training.models import INPUT_NAME, OUTPUT_NAME
+
+logger = logging.getLogger(__name__)
+
+CARD_SUFFIX = ".card.json"
+
+
+def card_path(model_path: Path) -> Path:
+    """``x/model.onnx`` -> ``x/model.card.json`` (the node's naming)."""
+    return model_path.with_name(model_path.stem + CARD_SUFFIX)
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def export_onnx(model: Any, path: Path, *, size: int, channels: int, opset: int = 17) -> dict[str, Any]:
+    """Convert ``model`` to ONNX at ``path``: input ``slices`` [N, size, size, channels], output ``p_malignant`` [N, 1].
+
+    Returns {"seconds", "bytes"}.
+    """
+    import tensorflow as tf
+    import tf2onnx
+
+    spec = (tf.TensorSpec([None, size, size, channels], tf.float32, name=INPUT_NAME),)
+
+    @tf.function(input_signature=spec)
+    def serve(slices: Any) -> dict[str, Any]:
+        return {OUTPUT_NAME: model(slices, training=False)}
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    try:
+        tf2onnx.convert.from_function(serve, input_signature=spec, opset=opset, output_path=str(path))
+    except Exception as exc:  # tf2onnx raises many kinds; name the step
+        raise ExportError(f"tf2onnx conversion to {path} failed: {exc}") from exc
+    seconds = time.perf_counter() - start
+    logger.info("exported %s (opset %d, %.1f MB) in %.1f s", path, opset, path.stat().st_size / 1e6, seconds)
+    return {"seconds": round(seconds, 2), "bytes": path.stat().st_size}
+
+
+def onnx_session(path: Path) -> Any:
+    """An onnxruntime CPU session for ``path``."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def onnx_predict(session: Any, x: np.ndarray, batch: int = 64) -> np.ndarray:
+    """P(malignant) for every row of ``x`` (n,), in batches."""
+    name = session.get_inputs()[0].name
+    out = [session.run(None, {name: x[i : i + batch]})[0][:, 0] for i in range(0, len(x), batch)]
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+def parity(model: Any, path: Path, x: np.ndarray, tolerance: float) -> dict[str, Any]:
+    """Max |ONNX - TensorFlow| over ``x``; ExportError if above ``tolerance``."""
+    tf_out = np.asarray(model.predict(x, batch_size=64, verbose=0))[:, 0]
+    onnx_out = onnx_predict(onnx_session(path), x)
+    delta = float(np.max(np.abs(tf_out - onnx_out))) if len(x) else 0.0
+    result = {"max_abs_diff": delta, "n_inputs": int(len(x)), "tolerance": tolerance, "passed": delta <= tolerance}
+    logger.info("ONNX vs TensorFlow on %d held-out slices: max |diff| %.3g (tolerance %.0e)", len(x), delta, tolerance)
+    if delta > tolerance:
+        raise ExportError(f"{path}: ONNX output differs from TensorFlow by {delta:.3g} > {tolerance:.0e}")
+    return result
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that made the model."""
+    import importlib.metadata as md
+
+    out = {}
+    for dist in ("tensorflow-cpu", "tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime", "numpy"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+def write_card(model_path: Path, fields: dict[str, Any]) -> Path:
+    """Write the card JSON beside ``model_path`` with the file's sha256 (keys as ``node.model_card.ModelCard``)."""
+    card = dict(fields, sha256=sha256_of(model_path))
+    path = card_path(model_path)
+    path.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def install(model_path: Path, dest_dir: Path) -> Path:
+    """Copy the .onnx and its card into ``dest_dir`` (card last, so a reader never sees a card without its model)."""
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    target = dest_dir / model_path.name
+    shutil.copyfile(model_path, target)
+    shutil.copyfile(card_path(model_path), card_path(target))
+    return target

@@ -1,0 +1,472 @@
+"""The semi-synthetic set: real chest CT anatomy with inserted nodules whose traits set the label.
+
+Anatomy (real pixels, HU):
+
+- pyradiomics ``lung1`` (one NSCLC patient, 48 x 512 x 512, 0.57 x 0.57 x 5 mm).
+  Only slices ``lung1_slices`` (default 0..27, the lower and middle thorax) are
+  used: the upper slices, which hold that patient's real tumour (slices 32..34),
+  are held out for the real-anatomy check. The tumour label file is never read.
+- pydicom's ``CT_small.dcm`` (one 128 x 128 chest slice, 0.66 mm pixels),
+  repeated along z as a thin slab.
+
+Each volume is a window of consecutive slices, warped in-plane (flip, rotation
++-8 degrees, scale 0.9..1.1, shift), with added noise, and 0, 1 or 2 nodules
+drawn inside the lungs. A nodule has four traits, and the traits alone decide
+its label (:func:`is_malignant`):
+
+    malignant  <=>  no calcification  AND  ( spiculated margin and diameter >= 6 mm
+                                              or solid and diameter >= 10 mm
+                                              or part-solid and diameter >= 8 mm
+                                              or ground glass and diameter >= 20 mm )
+
+(a simplified reading of Lung-RADS / Brock: benign-pattern calcification means
+benign; size and a solid component raise suspicion; spiculation is suspicious
+at any size above 6 mm). A study is malignant when any of its nodules is.
+
+Nodules are rendered in HU at the anatomy's own resolution, with partial
+volume along z (five sub-samples across each 5 mm slice), so the model sees
+them through ``node.preprocessing`` exactly as it sees real studies.
+
+Everything is deterministic from the seed: case ``i`` draws from its own
+random streams, so any case can be rebuilt alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from training.data import BENIGN, IGNORE, MALIGNANT, Case, Finding, Volume, default_lung1_path, read_nrrd_hu
+from training.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+TEXTURES = ("solid", "part_solid", "ground_glass")
+MARGINS = ("smooth", "lobulated", "spiculated")
+CALCIFICATIONS = ("none", "central", "popcorn", "diffuse")
+DIAMETER_RANGE_MM = (4.0, 30.0)
+NODULE_COUNT_P = (0.15, 0.45, 0.40)  # P(0, 1, 2 nodules in a volume)
+
+RULE = (
+    "malignant iff no calcification and (spiculated margin with diameter >= 6 mm, or solid with "
+    "diameter >= 10 mm, or part-solid with diameter >= 8 mm, or ground glass with diameter >= 20 mm); "
+    "a study is malignant if any nodule is"
+)
+
+
+@dataclass(frozen=True)
+class NoduleTraits:
+    """The radiological traits of one inserted nodule."""
+
+    diameter_mm: float
+    texture: str  # solid | part_solid | ground_glass
+    margin: str  # smooth | lobulated | spiculated
+    calcification: str  # none | central | popcorn | diffuse (benign patterns)
+
+
+def is_malignant(t: NoduleTraits) -> bool:
+    """The labelling rule (see the module docstring)."""
+    if t.calcification != "none":
+        return False
+    if t.margin == "spiculated" and t.diameter_mm >= 6.0:
+        return True
+    limits = {"solid": 10.0, "part_solid": 8.0, "ground_glass": 20.0}
+    return t.diameter_mm >= limits[t.texture]
+
+
+def sample_traits(rng: np.random.Generator) -> NoduleTraits:
+    """Draw traits: diameter log-uniform 4..30 mm, then texture, margin, calcification (solid only)."""
+    lo, hi = DIAMETER_RANGE_MM
+    diameter = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+    texture = TEXTURES[rng.choice(3, p=[0.6, 0.2, 0.2])]
+    margin = MARGINS[rng.choice(3, p=[0.45, 0.30, 0.25])]
+    calcification = "none"
+    if texture == "solid" and rng.random() < 0.25:
+        calcification = CALCIFICATIONS[1 + rng.integers(3)]
+        if margin == "spiculated":  # calcified granulomas are not spiculated
+            margin = "smooth"
+    return NoduleTraits(round(diameter, 2), texture, margin, calcification)
+
+
+# --------------------------------------------------------------------------- anatomy
+
+
+@dataclass
+class Anatomy:
+    """A real CT block: HU (z, y, x) float32, spacing, and a coarse lung mask (z, y/f, x/f)."""
+
+    name: str
+    hu: np.ndarray
+    spacing: tuple[float, float, float]
+    lung: np.ndarray  # bool, in-plane downsampled by ``factor``
+    factor: int
+
+
+def _dilate(mask: np.ndarray) -> np.ndarray:
+    """6-neighbour (in-plane 4-neighbour + z) binary dilation."""
+    out = mask.copy()
+    out[:, 1:] |= mask[:, :-1]
+    out[:, :-1] |= mask[:, 1:]
+    out[:, :, 1:] |= mask[:, :, :-1]
+    out[:, :, :-1] |= mask[:, :, 1:]
+    return out
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+    return ~_dilate(~mask)
+
+
+def _components(mask: np.ndarray) -> np.ndarray:
+    """Connected-component labels (6-neighbour) by min-label propagation; 0 = background."""
+    big = np.iinfo(np.int32).max
+    labels = np.where(mask, np.arange(1, mask.size + 1, dtype=np.int32).reshape(mask.shape), big)
+    while True:
+        new = labels.copy()
+        for axis in range(3):
+            for shift in (1, -1):
+                rolled = np.roll(labels, shift, axis=axis)
+                edge = [slice(None)] * 3
+                edge[axis] = slice(0, 1) if shift == 1 else slice(-1, None)
+                rolled[tuple(edge)] = big
+                np.minimum(new, rolled, out=new)
+        new = np.where(mask, new, big)
+        if np.array_equal(new, labels):
+            break
+        labels = new
+    return np.where(mask, labels, 0)
+
+
+def lung_mask(hu: np.ndarray, factor: int, outside_air: bool) -> np.ndarray:
+    """Lung voxels at 1/``factor`` in-plane resolution: air (< -400 HU) not connected to the outside,
+    in components at least a tenth of the largest, eroded by one coarse voxel."""
+    z, h, w = hu.shape
+    coarse = hu[:, : h // factor * factor, : w // factor * factor]
+    coarse = coarse.reshape(z, h // factor, factor, w // factor, factor).mean(axis=(2, 4))
+    air = coarse < -400
+    if outside_air:
+        outside = np.zeros_like(air)
+        outside[:, 0, :], outside[:, -1, :] = air[:, 0, :], air[:, -1, :]
+        outside[:, :, 0], outside[:, :, -1] = air[:, :, 0], air[:, :, -1]
+        while True:
+            grown = _dilate(outside) & air
+            if np.array_equal(grown, outside):
+                break
+            outside = grown
+        air &= ~outside
+    labels = _components(air)
+    ids, counts = np.unique(labels[labels > 0], return_counts=True)
+    if ids.size == 0:
+        raise DataError("no lung found in the anatomy volume")
+    keep = ids[counts >= counts.max() / 10]
+    return _erode(np.isin(labels, keep))
+
+
+def load_lung1_anatomy(path: Path | str, slices: tuple[int, int]) -> Anatomy:
+    """lung1 slices ``slices`` (half-open) as anatomy."""
+    hu, spacing = read_nrrd_hu(path)
+    lo, hi = slices
+    if hi > hu.shape[0]:
+        raise DataError(f"data.lung1_slices {slices}: {path} has only {hu.shape[0]} slices")
+    block = hu[lo:hi].astype(np.float32)
+    return Anatomy("lung1", block, spacing, lung_mask(block, 4, outside_air=True), 4)
+
+
+def load_ct_small_anatomy(depth: int) -> Anatomy:
+    """pydicom's CT_small.dcm (a 128 x 128 chest slice, field of view inside the body) as a slab."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("CT_small.dcm")
+    if path is None:
+        raise DataError("pydicom's CT_small.dcm test file is not available")
+    ds = pydicom.dcmread(path)
+    img = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    block = np.repeat(img[None], depth, axis=0)
+    dy, dx = (float(v) for v in ds.PixelSpacing)
+    return Anatomy("ct_small", block, (5.0, dy, dx), lung_mask(block, 1, outside_air=False), 1)
+
+
+# --------------------------------------------------------------------------- warping
+
+
+def _affine_grid(h: int, w: int, flip: bool, angle: float, scale: float, shift: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Source (y, x) for every output pixel: rotate/scale about the centre, shift (fractions of size), flip x."""
+    yy, xx = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32), indexing="ij")
+    cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
+    y, x = yy - cy - shift[0] * h, xx - cx - shift[1] * w
+    if flip:
+        x = -x
+    c, s = np.cos(np.radians(angle)) / scale, np.sin(np.radians(angle)) / scale
+    return c * y - s * x + cy, s * y + c * x + cx
+
+
+def warp_bilinear(block: np.ndarray, sy: np.ndarray, sx: np.ndarray, fill: float) -> np.ndarray:
+    """Sample every slice of ``block`` (z, h, w) at (sy, sx) bilinearly; outside = ``fill``."""
+    z, h, w = block.shape
+    y0, x0 = np.floor(sy).astype(np.intp), np.floor(sx).astype(np.intp)
+    wy, wx = sy - y0, sx - x0
+    out = np.zeros((z,) + sy.shape, dtype=np.float32)
+    for dy, dx, wgt in ((0, 0, (1 - wy) * (1 - wx)), (0, 1, (1 - wy) * wx), (1, 0, wy * (1 - wx)), (1, 1, wy * wx)):
+        yi, xi = y0 + dy, x0 + dx
+        inside = (yi >= 0) & (yi < h) & (xi >= 0) & (xi < w)
+        vals = block[:, np.clip(yi, 0, h - 1), np.clip(xi, 0, w - 1)]
+        out += np.where(inside, vals, fill) * wgt
+    return out
+
+
+# --------------------------------------------------------------------------- nodules
+
+
+def _sigmoid(v: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(v, -30, 30)))
+
+
+def _unit_vectors(rng: np.random.Generator, n: int) -> np.ndarray:
+    v = rng.normal(size=(n, 3))
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def insert_nodule(
+    hu: np.ndarray,
+    spacing: tuple[float, float, float],
+    centre: tuple[float, float, float],
+    traits: NoduleTraits,
+    rng: np.random.Generator,
+) -> tuple[list[int], list[int]]:
+    """Draw one nodule into ``hu`` (float32 (z, y, x), in place) centred at voxel ``centre``.
+
+    Returns (core slices, touched slices): the slices that show the nodule's
+    middle (|dz| <= 0.6 r, at least the nearest one) and all slices it reaches.
+    """
+    dz, dy, dx = spacing
+    zc, yc, xc = centre
+    r = traits.diameter_mm / 2.0
+    edge = 0.3  # mm, soft boundary
+    # shape: lobes push the surface out toward a few directions
+    amp = {"smooth": 0.05, "lobulated": 0.45, "spiculated": 0.15}[traits.margin]
+    lobes = _unit_vectors(rng, int(rng.integers(3, 6)))
+    lobe_amp = amp * rng.uniform(0.6, 1.4, size=len(lobes))
+    spicules = np.zeros((0, 3))
+    if traits.margin == "spiculated":  # strands radiating mostly in the axial plane
+        spicules = _unit_vectors(rng, int(rng.integers(8, 15))) * np.array([0.3, 1.0, 1.0])
+        spicules /= np.linalg.norm(spicules, axis=1, keepdims=True)
+    spic_len = np.minimum(rng.uniform(0.8, 2.0, size=len(spicules)) * r, 20.0)
+    spic_width = rng.uniform(1.4, 2.4, size=len(spicules))
+    # densities
+    noise_sd = 12.0
+    if traits.texture == "ground_glass":
+        body_hu, noise_sd = rng.uniform(-700, -450), 25.0
+    elif traits.texture == "part_solid":
+        body_hu, noise_sd = rng.uniform(-650, -450), 25.0
+    else:
+        body_hu = rng.uniform(10, 50)
+    if traits.calcification == "diffuse":
+        body_hu = rng.uniform(200, 500)
+    spic_hu = rng.uniform(-100, 20) if traits.texture == "solid" else rng.uniform(-400, -250)
+    cores: list[tuple[np.ndarray, float, float]] = []  # (offset mm (z, y, x), radius mm, HU)
+    if traits.texture == "part_solid":
+        cores.append((np.zeros(3), rng.uniform(0.3, 0.55) * r, rng.uniform(0, 50)))
+    if traits.calcification == "central":
+        cores.append((np.zeros(3), rng.uniform(0.3, 0.5) * r, rng.uniform(300, 900)))
+    elif traits.calcification == "popcorn":
+        for _ in range(int(rng.integers(3, 7))):
+            off = _unit_vectors(rng, 1)[0] * rng.uniform(0, 0.55) * r
+            cores.append((off, rng.uniform(0.12, 0.22) * r, rng.uniform(300, 900)))
+
+    reach = r * (1 + float(lobe_amp.sum())) + (float(spic_len.max()) if len(spicules) else 0.0) + 1.0
+    z_all = [k for k in range(hu.shape[0]) if abs(k - zc) * dz <= reach + dz / 2]
+    y_lo, y_hi = max(0, int(yc - reach / dy) - 1), min(hu.shape[1], int(yc + reach / dy) + 2)
+    x_lo, x_hi = max(0, int(xc - reach / dx) - 1), min(hu.shape[2], int(xc + reach / dx) + 2)
+    py = ((np.arange(y_lo, y_hi) - yc) * dy)[:, None]
+    px = ((np.arange(x_lo, x_hi) - xc) * dx)[None, :]
+    subs = np.linspace(-0.4, 0.4, 5) * dz
+    touched = []
+    for k in z_all:
+        base = hu[k, y_lo:y_hi, x_lo:x_hi]
+        acc = np.zeros_like(base)
+        for sub in subs:
+            pz = (k - zc) * dz + sub
+            rho = np.sqrt(pz * pz + py * py + px * px) + 1e-6
+            u = np.stack(np.broadcast_arrays(pz / rho, py / rho, px / rho))  # (3, h, w)
+            proj = np.tensordot(lobes, u, axes=(1, 0))  # (n, h, w)
+            radius = r * (1 + np.tensordot(lobe_amp, np.clip(proj, 0, None) ** 2, axes=(0, 0)) - lobe_amp.sum() / 6)
+            a_body = _sigmoid((radius - rho) / edge)
+            noise = rng.normal(0.0, noise_sd, size=base.shape).astype(np.float32)
+            val = base + a_body * np.maximum(body_hu + noise - base, 0)
+            for v, length, width in zip(spicules, spic_len, spic_width):
+                s = v[0] * pz + v[1] * py + v[2] * px
+                q = np.sqrt(np.maximum(rho * rho - s * s, 0))
+                t = width * np.clip(1 - (s - 0.7 * r) / (length + 0.3 * r), 0.25, 1.0)
+                a_sp = _sigmoid((t / 2 - q) / edge) * (s > 0) * (s < r + length)
+                val = val + a_sp * np.maximum(spic_hu - val, 0)
+            for off, cr, chu in cores:
+                dist = np.sqrt((pz - off[0]) ** 2 + (py - off[1]) ** 2 + (px - off[2]) ** 2)
+                a_c = _sigmoid((cr - dist) / edge)
+                val = val + a_c * np.maximum(chu + noise - val, 0)
+            acc += val
+        new = acc / len(subs)
+        if np.abs(new - base).max() > 20:
+            touched.append(k)
+        hu[k, y_lo:y_hi, x_lo:x_hi] = new
+    nearest = int(round(zc))
+    core = sorted({k for k in z_all if abs(k - zc) * dz <= 0.6 * r} | {min(max(nearest, 0), hu.shape[0] - 1)})
+    return core, sorted(set(touched) | set(core))
+
+
+# --------------------------------------------------------------------------- the source
+
+
+@dataclass(frozen=True)
+class VolumePlan:
+    """Everything drawn for one volume before rendering."""
+
+    anatomy: str
+    z0: int
+    flip: bool
+    angle: float
+    scale: float
+    shift: tuple[float, float]
+    noise_hu: float
+    nodules: tuple[NoduleTraits, ...]
+
+    @property
+    def label(self) -> int:
+        return MALIGNANT if any(is_malignant(t) for t in self.nodules) else BENIGN
+
+
+class SyntheticSource:
+    """The semi-synthetic demo set (see the module docstring); one virtual patient per volume."""
+
+    def __init__(
+        self,
+        *,
+        volumes: int,
+        slices_per_volume: int,
+        seed: int,
+        lung1_path: Path | str | None = None,
+        lung1_slices: tuple[int, int] = (0, 28),
+        pydicom_ct_share: float = 0.1,
+    ) -> None:
+        self.n = volumes
+        self.depth = slices_per_volume
+        self.seed = seed
+        self.lung1_path = Path(lung1_path) if lung1_path else default_lung1_path()
+        self.lung1_slices = lung1_slices
+        self.ct_share = pydicom_ct_share
+        self._anatomy: dict[str, Anatomy] = {}
+        self._plans = [self._plan(i) for i in range(volumes)]
+
+    def anatomy(self, name: str) -> Anatomy:
+        if name not in self._anatomy:
+            if name == "lung1":
+                self._anatomy[name] = load_lung1_anatomy(self.lung1_path, self.lung1_slices)
+            else:
+                self._anatomy[name] = load_ct_small_anatomy(self.depth)
+            logger.info("anatomy %s: %s voxels, %d lung voxels (coarse)", name,
+                        self._anatomy[name].hu.shape, int(self._anatomy[name].lung.sum()))
+        return self._anatomy[name]
+
+    def _plan(self, i: int) -> VolumePlan:
+        rng = np.random.default_rng([self.seed, i, 0])
+        anatomy = "ct_small" if rng.random() < self.ct_share else "lung1"
+        span = self.lung1_slices[1] - self.lung1_slices[0]
+        z0 = int(rng.integers(0, max(1, span - self.depth + 1))) if anatomy == "lung1" else 0
+        count = int(rng.choice(3, p=NODULE_COUNT_P))
+        return VolumePlan(
+            anatomy=anatomy, z0=z0, flip=bool(rng.random() < 0.5), angle=float(rng.uniform(-8, 8)),
+            scale=float(rng.uniform(0.9, 1.1)), shift=(float(rng.uniform(-0.04, 0.04)), float(rng.uniform(-0.04, 0.04))),
+            noise_hu=float(rng.uniform(0, 12)), nodules=tuple(sample_traits(rng) for _ in range(count)),
+        )
+
+    def plan(self, case: Case) -> VolumePlan:
+        return self._plans[int(case.case_id.rsplit("-", 1)[1])]
+
+    def cases(self) -> list[Case]:
+        return [Case(f"synth-{i:04d}", f"synth-{i:04d}", p.label) for i, p in enumerate(self._plans)]
+
+    def load(self, case: Case) -> Volume:
+        i = int(case.case_id.rsplit("-", 1)[1])
+        plan = self._plans[i]
+        rng = np.random.default_rng([self.seed, i, 1])
+        anat = self.anatomy(plan.anatomy)
+        depth = min(self.depth, anat.hu.shape[0] - plan.z0)
+        block = anat.hu[plan.z0 : plan.z0 + depth]
+        h, w = block.shape[1:]
+        sy, sx = _affine_grid(h, w, plan.flip, plan.angle, plan.scale, plan.shift)
+        hu = warp_bilinear(block, sy, sx, fill=-1000.0)
+        hu += rng.normal(0.0, plan.noise_hu, size=hu.shape).astype(np.float32)
+        f = anat.factor
+        lung = anat.lung[plan.z0 : plan.z0 + depth]
+        cy, cx = _affine_grid(lung.shape[1], lung.shape[2], plan.flip, plan.angle, plan.scale, plan.shift)
+        lung = warp_bilinear(lung.astype(np.float32), cy, cx, fill=0.0) > 0.5
+        labels = np.zeros(depth, dtype=np.int8)
+        findings: list[Finding] = []
+        placed: list[tuple[np.ndarray, float]] = []
+        for traits in plan.nodules:
+            centre = self._place(lung, f, anat.spacing, traits, placed, rng, (h, w))
+            if centre is None:
+                logger.warning("%s: no room for a %.1f mm nodule", case.case_id, traits.diameter_mm)
+                continue
+            core, touched = insert_nodule(hu, anat.spacing, centre, traits, rng)
+            label = MALIGNANT if is_malignant(traits) else BENIGN
+            findings.extend(Finding(k, centre[1], centre[2], label) for k in core)
+            if label == MALIGNANT:
+                labels[[k for k in touched if labels[k] == BENIGN]] = IGNORE
+                labels[core] = MALIGNANT
+        if plan.label == MALIGNANT and not (labels == MALIGNANT).any():  # pragma: no cover - placement failed
+            raise DataError(f"{case.case_id}: malignant nodule could not be placed")
+        out = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
+        return Volume(case, out, anat.spacing, labels, findings)
+
+    @staticmethod
+    def _place(
+        lung: np.ndarray,
+        f: int,
+        spacing: tuple[float, float, float],
+        traits: NoduleTraits,
+        placed: list[tuple[np.ndarray, float]],
+        rng: np.random.Generator,
+        shape: tuple[int, int],
+    ) -> tuple[float, float, float] | None:
+        """A centre (voxel coordinates) inside the lung, clear of other nodules and the image edge."""
+        zz, yy, xx = np.nonzero(lung)
+        if zz.size == 0:
+            return None
+        r = traits.diameter_mm / 2
+        for _ in range(50):
+            j = int(rng.integers(zz.size))
+            c = np.array([zz[j] + rng.uniform(-0.5, 0.5), (yy[j] + rng.uniform(0, 1)) * f, (xx[j] + rng.uniform(0, 1)) * f])
+            mm = c * np.asarray(spacing)
+            margin_px = r / spacing[1] + 2
+            if not (margin_px <= c[1] < shape[0] - margin_px and margin_px <= c[2] < shape[1] - margin_px):
+                continue
+            if all(np.linalg.norm(mm - q) > r + rq + 10 for q, rq in placed):
+                placed.append((mm, r))
+                return float(np.clip(c[0], 0, lung.shape[0] - 1)), float(c[1]), float(c[2])
+        return None
+
+    def describe(self) -> str:
+        lo, hi = self.lung1_slices
+        return (
+            f"semi-synthetic, demo only, not for clinical use: {self.n} volumes of {self.depth} slices built on real "
+            f"chest CT anatomy (pyradiomics lung1 slices {lo}-{hi - 1}, one patient; pydicom CT_small.dcm, "
+            f"{self.ct_share:.0%} of volumes), each warped and given 0-2 inserted nodules labelled by rule: {RULE}. "
+            f"Seed {self.seed}. Split by volume; all volumes share the same few real anatomies, so the metrics "
+            "measure recognition of the rule's traits, not generalisation to new patients."
+        )
+
+
+def summarize(plans: Sequence[VolumePlan]) -> dict[str, int]:
+    """Counts of volumes and nodules by label, for the logs and the card."""
+    nodules = [t for p in plans for t in p.nodules]
+    return {
+        "volumes": len(plans),
+        "malignant_volumes": sum(p.label for p in plans),
+        "nodules": len(nodules),
+        "malignant_nodules": sum(is_malignant(t) for t in nodules),
+        "ct_small_volumes": sum(p.anatomy == "ct_small" for p in plans),
+    }
