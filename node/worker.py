@@ -342,6 +342,11 @@ def run_worker(cfg: Config, role: str = "analyse", *, burst: bool = False) -> in
     if role == "analyse":
         model = ctx.model  # load once, now: a bad model stops the worker at start, not at the first job
         logger.info("Worker ready: model %s %s on %s", model.card.name, model.card.version, ", ".join(model.providers))
+        if abs(model.card.threshold - cfg.model.threshold) > 1e-9:
+            logger.warning(
+                "[model] threshold %.3g is used; the model card suggests %.3g (%s)",
+                cfg.model.threshold, model.card.threshold, model.card.threshold_method,
+            )
     name = f"ainode-{role}-{socket.gethostname()}-{os.getpid()}"
     worker = SimpleWorker(queues_for(role, redis), connection=redis, name=name)
     audit.application(True, f"worker {name} started")
