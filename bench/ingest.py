@@ -15,6 +15,8 @@ Receivers:
   association at a time, so concurrent senders queue).
 - ``storescp+B``: the same with ``+B`` (bit-preserving: no dataset decode).
 - ``storescp-fork`` (not in the default list): ``--fork``, one process per association.
+- ``ainode-x2`` (not in the default list): two ainode processes, senders spread over them
+  round-robin: an upper bound for several receiver processes behind one port (SO_REUSEPORT).
 
 Usage::
 
@@ -43,12 +45,14 @@ from typing import Any, Sequence
 
 from tests.peers import NodeProcess, dcmtk_env, free_port, kill_pid, pid_alive, short_tmp, stop_process
 
-RECEIVERS = ("ainode", "storescp", "storescp+B", "storescp-fork")
+RECEIVERS = ("ainode", "storescp", "storescp+B", "storescp-fork", "ainode-x2")
 DEFAULT_RECEIVERS = ("ainode", "storescp", "storescp+B")
 READY_TIMEOUT_S = 30.0
 SENDER_TIMEOUT_S = 600.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MB = 1e6
+#: A run during which the rest of the machine used more than this share of one CPU is run again.
+DISTURBED_SHARE = 0.2
 
 
 class BenchError(RuntimeError):
@@ -109,6 +113,23 @@ def tree_cpu_s(pid: int, exclude: Sequence[int] = ()) -> float:
     return own + sum(tree_cpu_s(k, exclude) for k in _children(pid) if k not in exclude)
 
 
+def system_busy_s() -> float:
+    """CPU seconds the whole machine has been busy (all CPUs, /proc/stat, not idle or iowait)."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(f) - f[3] - f[4]) / CLK_TCK
+
+
+def wait_idle(timeout: float) -> float:
+    """Wait up to ``timeout`` s until the machine is >= 90 % idle over 2 s; returns the last idle share."""
+    deadline = time.monotonic() + timeout
+    while True:
+        b0, t0 = system_busy_s(), time.monotonic()
+        time.sleep(2)
+        idle = 1 - (system_busy_s() - b0) / ((time.monotonic() - t0) * (os.cpu_count() or 1))
+        if idle >= 0.9 or time.monotonic() > deadline:
+            return idle
+
+
 def children_rusage_cpu_s() -> float:
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     return ru.ru_utime + ru.ru_stime
@@ -142,12 +163,17 @@ class Receiver:
         self.port = 0
 
     @property
-    def pid(self) -> int:
+    def pids(self) -> list[int]:
+        """The receiving processes (their live children count too, except the helpers)."""
         raise NotImplementedError
 
     def helper_pids(self) -> list[int]:
         """Child processes reported separately (ainode's embedded Redis)."""
         return []
+
+    def port_for(self, sender: int) -> int:
+        """The port sender number ``sender`` connects to."""
+        return self.port
 
     def start(self) -> None:
         raise NotImplementedError
@@ -166,16 +192,16 @@ class Ainode(Receiver):
     name, aet = "ainode", "AINODE"
 
     def start(self) -> None:
-        self.node = NodeProcess(self.workdir, quiet=600, max_wait=1200)
+        self.node = NodeProcess(self.workdir, quiet=600, max_wait=1200, workers=-1)  # no analysis workers
         self.port = self.node.port
         self.node.start()
         assert self.node.proc is not None
         wait_ready(self.aet, self.port, self.node.proc, "ainode")
 
     @property
-    def pid(self) -> int:
+    def pids(self) -> list[int]:
         assert self.node.proc is not None
-        return self.node.proc.pid
+        return [self.node.proc.pid]
 
     def helper_pids(self) -> list[int]:
         pid = self.node.embedded_redis_pid()
@@ -185,10 +211,52 @@ class Ainode(Receiver):
         return len(self.node.stored_files())
 
     def stop(self) -> None:
+        if not hasattr(self, "node"):
+            return
         redis_pid = self.node.embedded_redis_pid()
         self.node.stop()
         if redis_pid and pid_alive(redis_pid):  # the node stops it; make sure
             kill_pid(redis_pid)
+
+
+class AinodeGroup(Receiver):
+    """Several ainode processes, senders spread round-robin: what SO_REUSEPORT would give.
+
+    Each process has its own storage and Redis here (a real deployment would share both).
+    """
+
+    aet = "AINODE"
+
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        self.name = f"ainode-x{count}"
+        self.nodes = [Ainode() for _ in range(count)]
+
+    @property
+    def pids(self) -> list[int]:
+        return [p for n in self.nodes for p in n.pids]
+
+    def helper_pids(self) -> list[int]:
+        return [p for n in self.nodes for p in n.helper_pids()]
+
+    def port_for(self, sender: int) -> int:
+        return self.nodes[sender % len(self.nodes)].port
+
+    def start(self) -> None:
+        for n in self.nodes:
+            n.start()
+
+    def stored_count(self) -> int:
+        return sum(n.stored_count() for n in self.nodes)
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.stop()
+
+    def cleanup(self) -> None:
+        for n in self.nodes:
+            n.cleanup()
+        super().cleanup()
 
 
 class Storescp(Receiver):
@@ -211,9 +279,9 @@ class Storescp(Receiver):
         wait_ready(self.aet, self.port, self.proc, self.name)
 
     @property
-    def pid(self) -> int:
+    def pids(self) -> list[int]:
         assert self.proc is not None
-        return self.proc.pid
+        return [self.proc.pid]
 
     def stored_count(self) -> int:
         return sum(1 for e in os.scandir(self.out) if e.is_file())
@@ -237,6 +305,8 @@ def make_receiver(name: str) -> Receiver:
         return Storescp(name, ["+B"])
     if name == "storescp-fork":
         return Storescp(name, ["--fork"])
+    if name == "ainode-x2":
+        return AinodeGroup(2)
     raise ValueError(f'unknown receiver "{name}"; choose from {", ".join(RECEIVERS)}')
 
 
@@ -256,10 +326,12 @@ class Run:
     receiver_cpu_s: float
     helper_cpu_s: float  # ainode's embedded Redis
     senders_cpu_s: float
-    load1_before: float  # 1-minute load average when the run started: others' work on the machine
+    others_cpu_s: float  # CPU the rest of the machine used during the run: noise from other work
+    idle_before: float | None  # share of the machine idle just before the run (None: not measured)
+    disturbed: bool = False  # others used more than DISTURBED_SHARE of a CPU during the run
 
 
-def run_once(name: str, series: list[list[Path]], repeat: int, logdir: Path) -> Run:
+def run_once(name: str, series: list[list[Path]], repeat: int, logdir: Path, idle_wait: float) -> Run:
     """Start a fresh receiver, push every series at once, stop it; one measured run."""
     n = len(series)
     images = sum(len(s) for s in series)
@@ -268,19 +340,20 @@ def run_once(name: str, series: list[list[Path]], repeat: int, logdir: Path) -> 
     procs: list[subprocess.Popen[bytes]] = []
     logs = []
     try:
-        load1 = os.getloadavg()[0]
         rx.start()
         helpers = rx.helper_pids()
-        cpu0 = tree_cpu_s(rx.pid, exclude=helpers)
+        idle = wait_idle(idle_wait) if idle_wait > 0 else None
+        cpu0 = sum(tree_cpu_s(p, exclude=helpers) for p in rx.pids)
         hcpu0 = sum(tree_cpu_s(h) for h in helpers)
         scpu0 = children_rusage_cpu_s()
+        busy0 = system_busy_s()
         t0 = time.perf_counter()
         for i, files in enumerate(series):
             log = open(logdir / f"{name}-{n}-{repeat}-sender{i}.log", "wb")
             logs.append(log)
             procs.append(subprocess.Popen(
                 ["storescu", "-aet", f"SCANNER{i + 1}", "-aec", rx.aet, "-to", "30", "-ta", "30", "-td", "60",
-                 "127.0.0.1", str(rx.port), *map(str, files)],
+                 "127.0.0.1", str(rx.port_for(i)), *map(str, files)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=dcmtk_env(),
             ))
         deadline = time.monotonic() + SENDER_TIMEOUT_S
@@ -290,9 +363,11 @@ def run_once(name: str, series: list[list[Path]], repeat: int, logdir: Path) -> 
             except subprocess.TimeoutExpired:
                 raise BenchError(f"{name}: a sender ran past {SENDER_TIMEOUT_S:.0f} s") from None
         wall = time.perf_counter() - t0
+        busy = system_busy_s() - busy0
         scpu = children_rusage_cpu_s() - scpu0
-        cpu = tree_cpu_s(rx.pid, exclude=helpers) - cpu0
+        cpu = sum(tree_cpu_s(p, exclude=helpers) for p in rx.pids) - cpu0
         hcpu = sum(tree_cpu_s(h) for h in helpers) - hcpu0
+        others = max(0.0, busy - cpu - hcpu - scpu)
         for i, p in enumerate(procs):
             if p.returncode != 0:
                 tail = (logdir / f"{name}-{n}-{repeat}-sender{i}.log").read_text(errors="replace")[-2000:]
@@ -300,7 +375,8 @@ def run_once(name: str, series: list[list[Path]], repeat: int, logdir: Path) -> 
         stored = rx.stored_count()
         if stored != images:
             raise BenchError(f"{name}: {stored} files on disk after sending {images}")
-        return Run(name, n, repeat, images, nbytes, wall, images / wall, nbytes / MB / wall, cpu, hcpu, scpu, load1)
+        return Run(name, n, repeat, images, nbytes, wall, images / wall, nbytes / MB / wall,
+                   cpu, hcpu, scpu, others, idle, others > DISTURBED_SHARE * wall)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -308,8 +384,10 @@ def run_once(name: str, series: list[list[Path]], repeat: int, logdir: Path) -> 
                 p.wait(10)
         for log in logs:
             log.close()
-        rx.stop()
-        rx.cleanup()
+        try:
+            rx.stop()
+        finally:
+            rx.cleanup()
         os.sync()  # the next run must not pay for this run's dirty pages
 
 
@@ -323,12 +401,15 @@ def medians(runs: list[Run]) -> list[dict[str, Any]]:
             keys.append((r.receiver, r.senders))
     out = []
     for rec, n in keys:
-        group = [r for r in runs if r.receiver == rec and r.senders == n]
+        every = [r for r in runs if r.receiver == rec and r.senders == n]
+        group = [r for r in every if not r.disturbed] or every  # disturbed runs only when nothing else
         row: dict[str, Any] = {"receiver": rec, "senders": n, "runs": len(group), "images": group[0].images,
                                "bytes": group[0].bytes}
-        for f in ("wall_s", "images_per_s", "mb_per_s", "receiver_cpu_s", "helper_cpu_s", "senders_cpu_s"):
+        for f in ("wall_s", "images_per_s", "mb_per_s", "receiver_cpu_s", "helper_cpu_s", "senders_cpu_s",
+                  "others_cpu_s"):
             row[f] = statistics.median(getattr(r, f) for r in group)
         row["images_per_s_range"] = [min(r.images_per_s for r in group), max(r.images_per_s for r in group)]
+        row["disturbed_runs"] = sum(r.disturbed for r in group)  # counted in the median
         out.append(row)
     return out
 
@@ -337,31 +418,36 @@ def ratios(rows: list[dict[str, Any]], base: str = "storescp") -> dict[str, floa
     by = {(r["receiver"], r["senders"]): r for r in rows}
     out = {}
     for (rec, n), row in by.items():
-        if rec == "ainode" and (base, n) in by:
-            out[f"ainode/{base} images/s, {n} sender(s)"] = row["images_per_s"] / by[(base, n)]["images_per_s"]
+        if rec.startswith("ainode") and (base, n) in by:
+            out[f"{rec}/{base} images/s, {n} sender(s)"] = row["images_per_s"] / by[(base, n)]["images_per_s"]
     return out
 
 
 def print_table(rows: list[dict[str, Any]], rat: dict[str, float]) -> None:
     head = f"{'receiver':<14} {'senders':>7} {'images':>6} {'images/s':>9} {'(min-max)':>11} {'MB/s':>7} " \
-           f"{'wall s':>7} {'recv CPU s':>10} {'redis CPU s':>11} {'senders CPU s':>13}"
+           f"{'wall s':>7} {'recv CPU s':>10} {'redis CPU s':>11} {'senders CPU s':>13} {'others CPU s':>12} " \
+           f"{'disturbed':>9}"
     print(head)
     print("-" * len(head))
     for r in rows:
         lo, hi = r["images_per_s_range"]
-        redis = f"{r['helper_cpu_s']:.2f}" if r["receiver"] == "ainode" else "-"
+        redis = f"{r['helper_cpu_s']:.2f}" if r["receiver"].startswith("ainode") else "-"
         print(f"{r['receiver']:<14} {r['senders']:>7} {r['images']:>6} {r['images_per_s']:>9.0f} "
               f"{f'{lo:.0f}-{hi:.0f}':>11} {r['mb_per_s']:>7.1f} {r['wall_s']:>7.2f} {r['receiver_cpu_s']:>10.2f} "
-              f"{redis:>11} {r['senders_cpu_s']:>13.2f}")
+              f"{redis:>11} {r['senders_cpu_s']:>13.2f} {r['others_cpu_s']:>12.2f} {r['disturbed_runs']:>9}")
     for k, v in rat.items():
         print(f"{k}: {v:.2f}")
 
 
 NOTES = [
-    "median of the runs; MB = 10^6 bytes of the sent files; wall = first sender start to last sender exit",
+    "median of the undisturbed runs (see below); MB = 10^6 bytes of the sent files;",
+    "  wall = first sender start to last sender exit",
     "ainode writes each file to tmp/, fsyncs it, renames it and fsyncs the folder; storescp does not fsync",
     "storescp (without --fork) serves one association at a time: concurrent senders queue",
     "receiver CPU excludes ainode's embedded Redis (own column); senders CPU = all storescu processes",
+    "others CPU = what the rest of the machine used during the run (other people's work, kernel flush threads):",
+    f"  a run where that exceeded {DISTURBED_SHARE:.0%} of one CPU is disturbed and is run again (--retry-disturbed);",
+    "  the median leaves disturbed runs out unless all were; the disturbed column counts those it kept",
 ]
 
 
@@ -381,6 +467,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"comma-separated, from {', '.join(RECEIVERS)} (default {','.join(DEFAULT_RECEIVERS)})")
     parser.add_argument("--data", type=Path, default=None,
                         help="keep the series in this folder and reuse them (default: a temp folder, removed)")
+    parser.add_argument("--wait-idle", type=float, default=30.0, metavar="S",
+                        help="before each run wait up to S s for the machine to be >= 90%% idle "
+                             "(default 30; 0: no wait)")
+    parser.add_argument("--retry-disturbed", type=int, default=2, metavar="N",
+                        help=f"run again, up to N times, a run during which other work used more than "
+                             f"{DISTURBED_SHARE * 100:.0f}%% of a CPU (default 2)")
     parser.add_argument("--json", type=Path, default=None, help="write the figures to this file")
     args = parser.parse_args(argv)
     try:
@@ -400,6 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _on_term)
     runs: list[Run] = []
+    discarded: list[Run] = []  # disturbed runs that were run again
     with ExitStack() as stack:
         if args.data is None:
             data = Path(tempfile.mkdtemp(prefix="ainode-bench-data-"))
@@ -415,12 +508,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             for rep in range(args.repeat):  # repeats outermost, so drift hits every receiver alike
                 for name in receivers:
                     for n in counts:
-                        r = run_once(name, series[:n], rep, logdir)
+                        for attempt in range(args.retry_disturbed + 1):
+                            r = run_once(name, series[:n], rep, logdir, args.wait_idle)
+                            print(f"  run {rep + 1}/{args.repeat} {name:<13} {n} sender(s): {r.images_per_s:6.0f} "
+                                  f"img/s {r.mb_per_s:6.1f} MB/s  wall {r.wall_s:5.2f} s  CPU {r.receiver_cpu_s:5.2f} s"
+                                  f"  others' CPU {r.others_cpu_s:5.2f} s{'  (disturbed)' if r.disturbed else ''}",
+                                  flush=True)
+                            if not r.disturbed:
+                                break
+                            if attempt < args.retry_disturbed:
+                                discarded.append(r)
                         runs.append(r)
-                        print(f"  run {rep + 1}/{args.repeat} {name:<13} {n} sender(s): {r.images_per_s:6.0f} img/s "
-                              f"{r.mb_per_s:6.1f} MB/s  wall {r.wall_s:5.2f} s  CPU {r.receiver_cpu_s:5.2f} s  "
-                              f"load {r.load1_before:.2f}",
-                              flush=True)
         except (BenchError, AssertionError) as exc:  # AssertionError: tests.peers timed out
             print(f"error: {exc}", file=sys.stderr)
             return 1
@@ -437,7 +535,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.json.write_text(json.dumps({
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
             "params": {"slices": args.slices, "senders": counts, "repeat": args.repeat, "receivers": receivers},
-            "median": rows, "ratios": rat, "runs": [asdict(r) for r in runs], "notes": NOTES,
+            "median": rows, "ratios": rat, "runs": [asdict(r) for r in runs],
+            "discarded_runs": [asdict(r) for r in discarded], "notes": NOTES,
         }, indent=2) + "\n")
         print(f"figures written to {args.json}")
     return 0
