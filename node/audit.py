@@ -79,6 +79,7 @@ class EventID:
     APPLICATION_ACTIVITY = Code("110100", "Application Activity")
     INSTANCES_ACCESSED = Code("110103", "DICOM Instances Accessed")
     INSTANCES_TRANSFERRED = Code("110104", "DICOM Instances Transferred")
+    STUDY_DELETED = Code("110105", "DICOM Study Deleted")
     SECURITY_ALERT = Code("110113", "Security Alert")
 
 
@@ -443,6 +444,15 @@ class AuditTrail:
             "action": action.value, "outcome": int(outcome), "outcome_description": description,
             "participants": [self._us(Role.APPLICATION, requestor=True).to_json()],
             "objects": [study(study_uid, sop_class=sop_class, instances=instances, detail={"revision": revision})],
+        })
+
+    def study_deleted(self, study_uid: str, instances: int, description: str) -> None:
+        """DICOM Study Deleted (action D): retention removed a study whose SR was sent."""
+        self.record({
+            "event_id": EventID.STUDY_DELETED.to_json(),
+            "action": Action.DELETE.value, "outcome": int(Outcome.SUCCESS), "outcome_description": description,
+            "participants": [self._us(requestor=True).to_json()],
+            "objects": [study(study_uid, detail={"instances": instances})],
         })
 
     def sr_sent(self, study_uid: str, revision: int, sr_uid: str | None, sop_class: str | None,

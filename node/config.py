@@ -198,6 +198,13 @@ class SeriesRules:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    """``[storage]``: how long studies are kept."""
+
+    keep_days: float = 0.0  # delete a study this long after its SR was sent; 0 keeps everything
+
+
+@dataclass(frozen=True)
 class SendConfig:
     """``[send]``: delivery of results to the destinations."""
 
@@ -220,6 +227,7 @@ class Config:
     series: SeriesRules = field(default_factory=SeriesRules)
     tls: TLSConfig = field(default_factory=TLSConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     source: Path | None = None
 
     def destination(self, name: str) -> Destination | None:
@@ -296,7 +304,7 @@ def parse(data: Mapping[str, Any], origin: str = "<config>", base: Path | None =
     made absolute against ``base`` (default: the current directory).
     """
     ck = _Checker(origin)
-    sections = {"node", "completion", "redis", "model", "callers", "destinations", "send", "series", "tls", "audit"}
+    sections = {"node", "completion", "redis", "model", "callers", "destinations", "send", "series", "tls", "audit", "storage"}
     for key in data:
         if key not in sections:
             raise ck.fail(f"[{key}]", f"unknown section (known: {', '.join(sorted(sections))})")
@@ -386,9 +394,13 @@ def parse(data: Mapping[str, Any], origin: str = "<config>", base: Path | None =
     except ValueError as exc:
         raise ck.fail("[series]", str(exc).replace("Argument ", "")) from None
 
+    storage_cfg = ck.build(StorageConfig, ck.table(data, "storage"), "[storage]")
+    if storage_cfg.keep_days < 0:
+        raise ck.fail("[storage] keep_days", f"must be 0 (keep everything) or more, got {storage_cfg.keep_days:g}")
+
     return Config(
-        node=node, completion=completion, redis=redis_cfg, model=model,
-        callers=callers, destinations=destinations, send=send, series=series, tls=tls, audit=audit,
+        node=node, completion=completion, redis=redis_cfg, model=model, callers=callers,
+        destinations=destinations, send=send, series=series, tls=tls, audit=audit, storage=storage_cfg,
     )
 
 

@@ -25,7 +25,7 @@ from node.completion import Completion
 from node.config import Config
 from node.embedded_redis import EmbeddedRedis
 from node.enqueue import JobQueue, redis_client
-from node.errors import ConfigError
+from node.errors import AinodeError, ConfigError
 from node.receive import Policy, Receiver, build_ae, handlers
 from node.store import Storage
 from node.tls import server_context, start_tls_server
@@ -33,6 +33,7 @@ from node.tls import server_context, start_tls_server
 logger = logging.getLogger(__name__)
 
 TICK_S = 0.25
+PURGE_EVERY_S = 3600.0
 DRAIN_S = 30.0
 WORKER_STOP_S = 60.0
 WORKER_RESTART_S = 5.0  # the first restart delay; doubles while a worker keeps dying at start
@@ -115,6 +116,7 @@ class Node:
         self.pool = WorkerPool(cfg, workers, log_level) if workers >= 0 else None
         self.stop_requested = threading.Event()
         self.reload_requested = threading.Event()
+        self.next_purge = 0.0  # at the first tick, then hourly
         self.storage = Storage(cfg.node.storage)
         self.embedded: EmbeddedRedis | None = None
         self.server: Any = None  # the plain SCP (None with node.port = 0)
@@ -167,7 +169,19 @@ class Node:
             if self.pool is not None:
                 self.pool.check()
             self.completion.tick()
+            if time.monotonic() >= self.next_purge:
+                self.next_purge = time.monotonic() + PURGE_EVERY_S
+                self.purge()
             self.stop_requested.wait(TICK_S)
+
+    def purge(self) -> None:
+        """Apply [storage] keep_days; an error is logged, the node goes on."""
+        from node.retention import purge
+
+        try:
+            purge(self.storage, self.cfg, self.audit)
+        except (OSError, ValueError, AinodeError) as exc:
+            logger.error("Retention: %s", exc)
 
     def reload(self) -> None:
         """Re-read the config file; apply what can change live, keep the rest."""

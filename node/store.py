@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,15 +134,23 @@ class Storage:
         self.tmp = self.root / "tmp"
         self.results = self.root / "results"
 
-    def prepare(self) -> None:
-        """Create the folders (mode 0700) and remove partial writes left by a crash."""
+    def prepare(self, clear_tmp: bool = True) -> None:
+        """Create the folders (mode 0700) and, with ``clear_tmp``, remove what a crash left in tmp/.
+
+        Only the receiving node clears tmp/ (at its start, before it accepts
+        associations); a worker starting beside a running node must not.
+        """
         for d in (self.root, self.studies, self.state, self.tmp, self.results):
             d.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        if not clear_tmp:
+            return
         removed = 0
         for leftover in self.tmp.iterdir():
-            if leftover.is_file():
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover)  # a deletion cut short (node.retention)
+            else:
                 leftover.unlink()
-                removed += 1
+            removed += 1
         if removed:
             logger.warning("Removed %d partial write(s) left in %s by an earlier crash", removed, self.tmp)
 

@@ -334,7 +334,7 @@ def queues_for(role: str, redis: Redis) -> list[Queue]:
 def run_worker(cfg: Config, role: str = "analyse", *, burst: bool = False) -> int:
     """Run one worker until SIGTERM/SIGINT (or, with ``burst``, until its queue is empty)."""
     storage = Storage(cfg.node.storage)
-    storage.prepare()
+    storage.prepare(clear_tmp=False)  # the node may be writing there right now
     redis = redis_for(cfg)
     ctx = WorkerContext(cfg, storage, redis, role=role)
     set_context(ctx)
