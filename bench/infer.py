@@ -48,26 +48,19 @@ def _model_path(arg: str | None, work: Path) -> tuple[Path, str]:
 
 def stage_run(slices: int, model: str) -> dict[str, Any]:
     """One study through the worker's stages, in this process."""
-    import pydicom
-
     from node.config import Config, ModelConfig, NodeConfig
-    from node.enqueue import job_id, redis_client
+    from node.enqueue import redis_client
     from node.sample import make_lung1_series
-    from node.store import Revision, Storage
+    from node.store import Storage
     from node.worker import WorkerContext, set_context
+    from tests.peers import store_series
 
     work = Path(tempfile.mkdtemp(prefix="ainode-bench-", dir="/tmp"))
     try:
         files = make_lung1_series(work / "ct", n_slices=slices)
         storage = Storage(work / "storage")
         storage.prepare()
-        instances = {}
-        for f in files:
-            ds = pydicom.dcmread(f, stop_before_pixels=True)
-            storage.write_instance(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, [f.read_bytes()])
-            instances[ds.SOPInstanceUID] = ds.SeriesInstanceUID
-        study = str(ds.StudyInstanceUID)
-        storage.write_revision(Revision(study, 1, instances, time.time(), "quiet", job_id(study, 1)))
+        study = store_series(storage, files, 1)
         cfg = Config(node=NodeConfig(storage=storage.root), model=ModelConfig(path=model, device="auto"))
         ctx = WorkerContext(cfg, storage, redis_client("redis://127.0.0.1:1/0", timeout=0.1, retries=0))
         set_context(ctx)

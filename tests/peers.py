@@ -88,6 +88,26 @@ def scu_store(port: int, items: list, calling: str = "PYSCU", called: str = "AIN
         assoc.release()
 
 
+def store_series(storage: Any, files: Sequence[Path], revision: int) -> str:
+    """Store Part 10 files as the node would and record them as a revision (plus the earlier
+    revision's instances); returns the study UID. For worker tests and benchmarks."""
+    import pydicom
+
+    from node.enqueue import job_id
+    from node.store import Revision
+
+    instances = {}
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        storage.write_instance(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, [f.read_bytes()])
+        instances[ds.SOPInstanceUID] = ds.SeriesInstanceUID
+    study = str(ds.StudyInstanceUID)
+    prior = storage.latest_revision(study)
+    all_instances = {**(prior.instances if prior else {}), **instances}
+    storage.write_revision(Revision(study, revision, all_instances, 0.0, "quiet", job_id(study, revision)))
+    return study
+
+
 def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
     """Poll ``predicate`` until it returns a truthy value; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -10,10 +10,11 @@ import pytest
 from rq import Queue, SimpleWorker
 
 from node.config import Config, Destination, ModelConfig, NodeConfig
-from node.enqueue import QUEUE_NAME, JobQueue, job_id
+from node.enqueue import QUEUE_NAME, JobQueue
 from node.send import SEND_QUEUE
-from node.store import Revision, Storage
+from node.store import Storage
 from node.worker import WorkerContext, analyse_study, read_outcome, set_context
+from tests.peers import store_series
 
 
 @pytest.fixture
@@ -36,19 +37,6 @@ def ctx(redis_server, tmp_path, lung1_series):
     set_context(context)
     yield context
     set_context(None)  # type: ignore[arg-type]
-
-
-def store_series(storage: Storage, files: list[Path], revision: int) -> str:
-    instances = {}
-    for f in files:
-        ds = pydicom.dcmread(f, stop_before_pixels=True)
-        storage.write_instance(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, [f.read_bytes()])
-        instances[ds.SOPInstanceUID] = ds.SeriesInstanceUID
-    study = str(ds.StudyInstanceUID)
-    prior = storage.latest_revision(study)
-    all_instances = {**(prior.instances if prior else {}), **instances}
-    storage.write_revision(Revision(study, revision, all_instances, 0.0, "quiet", job_id(study, revision)))
-    return study
 
 
 def test_analysis_twice_gives_one_result(ctx, lung1_series):
