@@ -175,9 +175,11 @@ def analyse_study(study_uid: str, revision: int) -> str:
     if outcome is None:
         try:
             outcome = _analyse(ctx, study_uid, revision)
-        except Exception as exc:
+        except Exception as exc:  # transient (I/O, a worker problem): rq retries; the last try records why
             job = get_current_job()
             last = job is None or not job.retries_left
+            if last:
+                _write_outcome(storage, study_uid, revision, "failed", reason=f"{type(exc).__name__}: {exc}")
             audit.job(study_uid, revision, Action.READ, Outcome.SERIOUS_FAILURE if last else Outcome.MINOR_FAILURE,
                       f"analysis failed{'' if last else ', will be retried'}: {type(exc).__name__}: {exc}")
             raise
@@ -214,7 +216,6 @@ def _analyse(ctx: WorkerContext, study_uid: str, revision: int) -> dict[str, Any
     rev = storage.read_revision(study_uid, revision)
     paths = [storage.instance_path(study_uid, series, sop) for sop, series in sorted(rev.instances.items())]
     paths = [p for p in paths if p.exists()]
-    job = get_current_job()
     try:
         choice, vol = volume.load_study(paths, ctx.cfg.series)
     except NoUsableSeriesError as exc:
@@ -223,10 +224,6 @@ def _analyse(ctx: WorkerContext, study_uid: str, revision: int) -> dict[str, Any
     except VolumeError as exc:
         logger.error("Study %s r%d: failed: %s", study_uid, revision, exc)
         return _write_outcome(storage, study_uid, revision, "failed", reason=str(exc))
-    except Exception as exc:  # transient (I/O...): rq retries; the last try records why
-        if job is None or not job.retries_left:
-            _write_outcome(storage, study_uid, revision, "failed", reason=f"{type(exc).__name__}: {exc}")
-        raise
     loaded = time.monotonic()
     model = ctx.model
     analysis = model.analyse(vol.hu, batch_size=ANALYSE_BATCH)
