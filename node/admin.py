@@ -65,7 +65,7 @@ def edit_config(path_arg: str | None, change: Change) -> tuple[Path, str | None]
     path = config.resolve_path(path_arg)
     if path is None:
         raise AdminError("no config file to edit: pass --config PATH or set AINODE_CONFIG")
-    old_text = _read_text(path)
+    old_text = config.read_text(path)
     config.parse_text(old_text, str(path))  # refuse to edit a file that is already invalid
     try:
         doc = tomlkit.parse(old_text)
@@ -88,17 +88,6 @@ def _keep_ending(old: str, new: str) -> str:
     table would otherwise leave the blank line that separated it)."""
     body = old.rstrip("\r\n")
     return new.rstrip("\r\n") + old[len(body):]
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
 
 
 def write_atomic(path: Path, text: str) -> None:

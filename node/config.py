@@ -525,6 +525,18 @@ def resolve_path(path: str | os.PathLike[str] | None = None) -> Path | None:
     return None
 
 
+def read_text(path: Path) -> str:
+    """A config file's text, exactly as written (line endings kept); ConfigError in one line."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+
+
 def load(path: str | os.PathLike[str] | None = None) -> Config:
     """Load and validate the configuration (see the module docstring for where from)."""
     source = resolve_path(path)
@@ -532,15 +544,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
         cfg = parse({}, "<built-in defaults>")
         logger.debug("Config: built-in defaults")
         return cfg
-    try:
-        text = source.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{source}: no such file") from None
-    except OSError as exc:
-        raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{source}: not UTF-8 text") from None
-    cfg = parse_text(text, str(source))
+    cfg = parse_text(read_text(source), str(source))
     cfg = replace(cfg, source=source.resolve())
     logger.debug("Config from %s: %s", source, cfg)
     return cfg
