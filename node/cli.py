@@ -63,7 +63,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _results_list(args: argparse.Namespace) -> int:
     import json
 
-    from node.results import list_states
+    from node.history import list_states
     from node.store import Storage
     from node.worker import redis_for
 
@@ -80,7 +80,7 @@ def _results_list(args: argparse.Namespace) -> int:
 
 
 def _results_resend(args: argparse.Namespace) -> int:
-    from node.results import resend
+    from node.history import resend
     from node.store import Storage, check_uid
     from node.worker import redis_for
 
