@@ -40,7 +40,7 @@ class ModelCard:
     sha256: str  # of the .onnx file
     input_name: str
     input_shape: list[Any]  # [None, size, size, channels], NHWC
-    output_name: str
+    output_name: str  # P(classes[1]) per slice, [N, 1]
     preprocessing_version: str
     size: int  # input height = width, pixels
     context: int  # neighbouring slices on each side (channels = 2 * context + 1)
@@ -50,6 +50,9 @@ class ModelCard:
     aggregation: str  # how slice scores become the study score
     classes: list[str] = field(default_factory=lambda: ["benign", "malignant"])  # output = P(classes[1])
     input_dtype: str = "float32"
+    #: The score map, a second output: [N, h, w, 1] probabilities over the slice (sigmoid applied),
+    #: read into located findings by node.preprocessing.locate_peaks. "": no map, no coordinates.
+    map_output_name: str = ""
     intended_use: str = ""
     training_data: str = ""  # provenance, in words
     metrics: dict[str, Any] = field(default_factory=dict)

@@ -1,8 +1,12 @@
-"""What the CNN sees: HU slices windowed, resized and stacked. numpy only.
+"""What the CNN sees, and where its score map points: numpy only, shared with training.
 
-This module is the single source of preprocessing: ``training`` imports it, the
-worker imports it, and a model card names the ``PREPROCESSING_VERSION`` it was
-trained with (the node refuses a model whose card names another).
+This module is the single source of the numpy code that training and the node
+must agree on: the model's input (HU slices windowed, resized and stacked) and
+the reading of its score map into located peaks (:func:`locate_peaks`), so the
+detection figures training reports (FROC) measure what the node does.
+``training`` imports it, the worker imports it, and a model card names the
+``PREPROCESSING_VERSION`` it was trained with (the node refuses a model whose
+card names another).
 
 Input: a volume of HU values, shape (z, y, x), slices sorted along the slice
 normal. Output: float32 batches, shape (n, size, size, channels), NHWC as
@@ -13,6 +17,7 @@ repeated at the volume's ends.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -103,3 +108,114 @@ def prepare_slices(
     prepared = resize(window(volume_hu[unique], *hu_window), size)  # each source slice once
     out = prepared[inverse.reshape(needed.shape)]  # (n, channels, size, size)
     return np.ascontiguousarray(out.transpose(0, 2, 3, 1))
+
+
+def resized_extent(n: int, size: int) -> int:
+    """How many source pixels (rows or columns) of ``n`` the resize to ``size`` covers.
+
+    The box average drops the trailing pixels that do not fill a whole block,
+    so a model pixel spans ``resized_extent(n, size) / size`` source pixels.
+    """
+    f = max(1, n // size)
+    return (n // f) * f
+
+
+def map_to_source(coord: float | np.ndarray, map_len: int, source_len: int, size: int) -> float | np.ndarray:
+    """A coordinate on a score map of ``map_len`` cells -> the source image's pixel coordinate.
+
+    Pixel centres are integers on both sides (half-pixel convention, as in
+    :func:`resize`); ``size`` is the model's input size.
+    """
+    return (np.asarray(coord, dtype=np.float64) + 0.5) * resized_extent(source_len, size) / map_len - 0.5
+
+
+@dataclass(frozen=True)
+class Peak:
+    """A local maximum of a volume's score map, in source image coordinates."""
+
+    slice: int  # index along z of the volume
+    row: float  # source pixel row (0 = centre of the first row)
+    column: float  # source pixel column
+    probability: float  # the map's value at the peak
+
+
+def _refine(left: float, centre: float, right: float) -> float:
+    """Sub-cell offset of a peak from its two neighbours (parabola vertex), within +-0.5."""
+    curvature = left - 2.0 * centre + right
+    if curvature >= 0:
+        return 0.0
+    return float(np.clip(0.5 * (left - right) / curvature, -0.5, 0.5))
+
+
+def locate_peaks(
+    maps: np.ndarray,
+    *,
+    source_shape: tuple[int, int],
+    size: int,
+    spacing: tuple[float, float, float],
+    min_probability: float,
+    max_peaks: int,
+    min_distance_mm: float = 15.0,
+) -> list[Peak]:
+    """The most suspicious places of a volume from its score maps, best first.
+
+    Parameters
+    ----------
+    maps
+        Probabilities in [0, 1], shape (z, h, w): the model's score map of every
+        slice of the volume, in slice order.
+    source_shape
+        (rows, columns) of the source slices the maps were computed from.
+    size
+        The model's input size (the slices were resized to size x size).
+    spacing
+        (z, row, column) spacing of the volume in mm.
+    min_probability
+        Peaks below this are not reported.
+    max_peaks
+        At most this many peaks.
+    min_distance_mm
+        Non-maximum suppression: a peak closer than this (3-D, in mm) to a
+        stronger one is the same finding seen again (on a neighbouring slice,
+        or a second maximum of one blob) and is dropped.
+
+    A peak is a cell at least as high as its 26 neighbours (across slices too);
+    its in-plane position is refined to a fraction of a cell from its two
+    neighbours on each axis, then mapped to source pixels.
+    """
+    maps = np.asarray(maps, dtype=np.float32)
+    if maps.ndim != 3:
+        raise ValueError(f'Argument "maps" must have shape (z, h, w), got {maps.shape}')
+    if max_peaks < 1:
+        raise ValueError(f'Argument "max_peaks" must be at least 1, got {max_peaks}')
+    z, h, w = maps.shape
+    if z == 0:
+        return []
+    padded = np.pad(maps, 1, mode="constant", constant_values=-np.inf)
+    is_peak = maps >= min_probability
+    for dz in (-1, 0, 1):
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                if dz or dy or dx:
+                    is_peak &= maps >= padded[1 + dz : 1 + dz + z, 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
+    zz, yy, xx = np.nonzero(is_peak)
+    order = np.argsort(-maps[zz, yy, xx], kind="stable")
+    edge = np.pad(maps, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    rows, cols = source_shape
+    kept: list[Peak] = []
+    kept_mm: list[np.ndarray] = []
+    for i in order:
+        k, y, x = int(zz[i]), int(yy[i]), int(xx[i])
+        c = float(maps[k, y, x])
+        fy = y + _refine(float(edge[k, y, x + 1]), c, float(edge[k, y + 2, x + 1]))
+        fx = x + _refine(float(edge[k, y + 1, x]), c, float(edge[k, y + 1, x + 2]))
+        row = float(map_to_source(fy, h, rows, size))
+        col = float(map_to_source(fx, w, cols, size))
+        mm = np.array([k * spacing[0], row * spacing[1], col * spacing[2]])
+        if any(np.linalg.norm(mm - q) < min_distance_mm for q in kept_mm):
+            continue
+        kept.append(Peak(k, row, col, c))
+        kept_mm.append(mm)
+        if len(kept) == max_peaks:
+            break
+    return kept
