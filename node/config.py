@@ -37,6 +37,8 @@ _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9]
 _DEST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DEVICES = ("auto", "cpu", "cuda")
 SR_CLASSES = ("comprehensive", "enhanced", "comprehensive3d")
+#: The result objects a destination may receive: the SR, the summary image, the key object selection.
+RESULT_OBJECTS = ("sr", "sc", "ko")
 
 
 def ae_title_problem(value: object) -> str | None:
@@ -150,7 +152,8 @@ class ModelConfig:
 
     path: str = ""
     device: str = "auto"
-    threshold: float = 0.5
+    threshold: float | None = None  # None (empty in the file): the model card's threshold
+    max_findings: int = 3  # located findings reported per study, at most
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,7 @@ class Destination:
     port: int
     sr_class: str = "comprehensive"  # comprehensive | enhanced | comprehensive3d
     tls: bool = False  # send over DICOM TLS, with the [tls] certificate, key and CA
+    objects: tuple[str, ...] = RESULT_OBJECTS  # which result objects it gets: sr, sc, ko
 
 
 @dataclass(frozen=True)
@@ -290,6 +294,16 @@ class _Checker:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise self.fail(where, f"must be a number, got {type(value).__name__}")
             return float(value)
+        if kind == "float | None":
+            if value == "":
+                return None
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise self.fail(where, f"must be a number or empty, got {type(value).__name__}")
+            return float(value)
+        if kind == "tuple[str, ...]":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise self.fail(where, "must be a list of strings")
+            return tuple(value)
         if kind == "Path":
             if not isinstance(value, str) or not value:
                 raise self.fail(where, "must be a non-empty path string")
@@ -345,8 +359,10 @@ def parse(data: Mapping[str, Any], origin: str = "<config>", base: Path | None =
     model = ck.build(ModelConfig, ck.table(data, "model"), "[model]")
     if model.device not in DEVICES:
         raise ck.fail("[model] device", f"must be one of {', '.join(DEVICES)}, got {model.device!r}")
-    if not 0.0 <= model.threshold <= 1.0:
-        raise ck.fail("[model] threshold", f"must be between 0 and 1, got {model.threshold:g}")
+    if model.threshold is not None and not 0.0 <= model.threshold <= 1.0:
+        raise ck.fail("[model] threshold", f"must be between 0 and 1, or empty for the model card's, got {model.threshold:g}")
+    if not 1 <= model.max_findings <= 20:
+        raise ck.fail("[model] max_findings", f"must be 1..20, got {model.max_findings}")
 
     callers = tuple(_entries(ck, data, "callers", Caller))
     seen: set[tuple[str, str | None]] = set()  # titles compare without padding, as in Caller.admits
@@ -377,6 +393,10 @@ def parse(data: Mapping[str, Any], origin: str = "<config>", base: Path | None =
             raise ck.fail(f"{where} port", p)
         if d.sr_class not in SR_CLASSES:
             raise ck.fail(f"{where} sr_class", f"must be one of {', '.join(SR_CLASSES)}, got {d.sr_class!r}")
+        unknown = [o for o in d.objects if o not in RESULT_OBJECTS]
+        if unknown or not d.objects or len(set(d.objects)) != len(d.objects):
+            raise ck.fail(f"{where} objects", f"must list each of {', '.join(RESULT_OBJECTS)} at most once, at least one, "
+                                             f"got {list(d.objects)}")
 
     tls = _check_tls(ck, tls, node, any(d.tls for d in destinations), here)
     audit = _check_audit(ck, ck.build(AuditConfig, ck.table(data, "audit"), "[audit]"), here)

@@ -90,7 +90,7 @@ def content_tree(ds: Dataset, depth: int = 0) -> list[str]:
 
 def run_demo(keep: bool = False, slices: int | None = None) -> int:
     """Run the demo; returns the exit code."""
-    from node.report import sr_summary
+    from node.results.sr import sr_summary
     from node.sample import make_lung1_series
 
     work = Path(tempfile.mkdtemp(prefix="ainode-demo-", dir="/tmp"))
@@ -120,17 +120,23 @@ def run_demo(keep: bool = False, slices: int | None = None) -> int:
         if not pacs.arrived.wait(WAIT_S):
             print(f"no SR within {WAIT_S:.0f} s; see {work / 'node.log'}", file=sys.stderr)
             return 1
-        sr = dcmread(pacs.received[0])
+        time.sleep(1.0)  # the summary image and key objects follow the SR in the same association
+        arrived = [dcmread(p, stop_before_pixels=True) for p in pacs.received]
+        sr = dcmread(next(p for p, ds in zip(pacs.received, arrived) if ds.Modality == "SR" and
+                          "ContentTemplateSequence" in ds))
         summary = sr_summary(sr)
         print(f"SR received after {time.monotonic() - started:.1f} s (quiet period 2 s included)")
         print(f"  study            {sr.StudyInstanceUID}")
-        print(f"  probability      {summary['probability']:.3f} (threshold {summary.get('threshold', '?')})")
-        print(f"  result           {summary.get('qualitative', '?')}")
-        keys = summary.get("key_image_uids", [])
-        numbers = [str(dcmread(work / "ct" / f"{uid}.dcm", stop_before_pixels=True).InstanceNumber)
-                   for uid in keys if (work / "ct" / f"{uid}.dcm").exists()]
+        print(f"  {summary['impression']}")
+        for f in summary["findings"]:
+            number = _instance_number(work / "ct", f["image_uid"])
+            (col, row), = f["graphic_data"][:1]
+            print(f"  finding          {f['tracking_id']}: {f['probability']:.0%} on image {number}, "
+                  f"pixel (row {row:.0f}, column {col:.0f})")
+        numbers = [_instance_number(work / "ct", uid) for uid in summary.get("key_image_uids", [])]
         where = " (the labelled lung1 nodule is on 33-35)" if slices is None else ""
-        print(f"  key slices       instance numbers {', '.join(numbers)}{where}")
+        print(f"  key images       instance numbers {', '.join(numbers)}{where}")
+        print(f"  also received    {', '.join(sorted(str(ds.get('SeriesDescription', ds.Modality)) for ds in arrived))}")
         print("  content tree:")
         for line in content_tree(sr):
             print("    " + line)
@@ -147,6 +153,11 @@ def run_demo(keep: bool = False, slices: int | None = None) -> int:
             print(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _instance_number(folder: Path, sop_uid: str) -> str:
+    path = folder / f"{sop_uid}.dcm"
+    return str(dcmread(path, stop_before_pixels=True).InstanceNumber) if path.exists() else "?"
 
 
 def _wait_for_node(port: int, node: subprocess.Popen[bytes], log: Path) -> None:

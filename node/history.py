@@ -15,9 +15,9 @@ from rq.job import Job
 
 from node.config import Config
 from node.enqueue import job_id
+from node.results.facts import percent
 from node.send import enqueue_send, read_send_state
 from node.store import Storage
-from node.worker import read_outcome
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def study_state(storage: Storage, cfg: Config, redis: Redis | None, study_uid: s
     if not revisions:
         return StudyState(study_uid, instances, 0, "received", "waiting for the quiet period")
     rev = revisions[-1]
-    outcome = read_outcome(storage, study_uid, rev)
+    outcome = storage.read_outcome(study_uid, rev)
     if outcome is None:
         state, detail = _job_status(redis, job_id(study_uid, rev))
         return StudyState(study_uid, instances, rev, state, detail)
@@ -76,7 +76,11 @@ def study_state(storage: Storage, cfg: Config, redis: Redis | None, study_uid: s
     if not cfg.destinations:
         worst = "analysed"
         sends.append("no destinations configured")
-    detail = f"score {result['score']:.3f} ({'positive' if result['positive'] else 'negative'}); " + "; ".join(sends)
+    positive = result["score"] >= result["threshold"]
+    located = len(result.get("findings", []))
+    detail = (f"{percent(result['score'])} at threshold {percent(result['threshold'])} "
+              f"({'positive' if positive else 'negative'}{f', {located} located' if located else ''}); "
+              + "; ".join(sends))
     return StudyState(study_uid, instances, rev, worst, detail, result["score"])
 
 
@@ -92,7 +96,7 @@ def list_states(storage: Storage, cfg: Config, redis: Redis | None) -> list[Stud
 def resend(storage: Storage, cfg: Config, redis: Redis, study_uid: str, destination: str | None = None) -> list[str]:
     """Queue the latest analysed result of a study again; returns the job ids."""
     for rev in reversed(storage.revisions(study_uid)):
-        outcome = read_outcome(storage, study_uid, rev)
+        outcome = storage.read_outcome(study_uid, rev)
         if outcome and outcome["status"] == "analysed":
             break
     else:

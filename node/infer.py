@@ -25,7 +25,7 @@ import onnxruntime as ort
 from node.config import DEVICES
 from node.errors import ModelError
 from node.model_card import ModelCard
-from node.preprocessing import PREPROCESSING_VERSION, prepare_slices
+from node.preprocessing import PREPROCESSING_VERSION, Peak, locate_peaks, prepare_slices
 
 logger = logging.getLogger(__name__)
 
@@ -105,9 +105,13 @@ def top_slices(slice_scores: np.ndarray, k: int) -> tuple[int, ...]:
     return tuple(int(i) for i in order[:k])
 
 
+#: Peaks closer than this (mm, 3-D) to a stronger one are the same finding (non-maximum suppression).
+FINDING_DISTANCE_MM = 15.0
+
+
 @dataclass(frozen=True, eq=False)  # eq=False: the ndarray field makes == ambiguous
 class Analysis:
-    """The result of one volume: study score, slice scores, key slices and how fast it ran."""
+    """The result of one volume: study score, slice scores, key slices, located peaks and how fast it ran."""
 
     score: float  # study probability, aggregated from slice_scores
     slice_scores: np.ndarray  # float32 (z,), one probability per slice of the volume
@@ -116,6 +120,8 @@ class Analysis:
     providers: tuple[str, ...]  # ONNX Runtime execution providers the session used
     seconds: float  # preprocessing + inference, wall clock
     slices_per_second: float
+    peaks: tuple[Peak, ...] = ()  # the most suspicious places, best first, in source pixels (score map only)
+    located: bool = False  # the model has a score map: peaks are real; without one there are none
 
 
 def _providers_for(device: str, available: list[str]) -> list[str]:
@@ -195,6 +201,7 @@ class Model:
                 logger.warning("Model %s: %s; running on CPU", path.name, why)
 
         self.input_name, self.output_name = self._check_graph()
+        self.map_name: str | None = self.card.map_output_name or None
         logger.info(
             "Model %s %s (%s): ONNX Runtime %s, providers %s",
             self.card.name, self.card.version, path, ort.__version__, ", ".join(self.providers),
@@ -210,6 +217,13 @@ class Model:
             raise ModelError(f"{self.path}: input name {graph_in.name!r} does not match its card ({self.card.input_name!r})")
         if graph_out.name != self.card.output_name:
             raise ModelError(f"{self.path}: output name {graph_out.name!r} does not match its card ({self.card.output_name!r})")
+        if self.card.map_output_name:
+            maps = [o for o in outputs if o.name == self.card.map_output_name]
+            if not maps:
+                raise ModelError(f"{self.path}: card names score map {self.card.map_output_name!r}, which the graph "
+                                 f"does not output (outputs: {', '.join(o.name for o in outputs)})")
+            if len(maps[0].shape) != 4:
+                raise ModelError(f"{self.path}: score map {maps[0].name!r} has shape {maps[0].shape}, expected [N, h, w, 1]")
         if graph_in.type != "tensor(float)":
             raise ModelError(f"{self.path}: input type {graph_in.type} is not tensor(float)")
         if not _dims_match(list(graph_in.shape), list(self.card.input_shape)):
@@ -217,10 +231,16 @@ class Model:
         return graph_in.name, graph_out.name
 
     def score_slices(self, volume_hu: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        """One probability per slice of a (z, y, x) HU volume, float32 (z,).
+        """One probability per slice of a (z, y, x) HU volume, float32 (z,)."""
+        return self.run(volume_hu, batch_size=batch_size, with_maps=False)[0]
+
+    def run(
+        self, volume_hu: np.ndarray, batch_size: int = 32, *, with_maps: bool = True
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Slice probabilities (z,) and, when the model has one, its score maps (z, h, w), both float32.
 
         Slices are preprocessed and run ``batch_size`` at a time, so memory
-        beyond the volume itself stays bounded by the batch.
+        beyond the volume itself (and the small maps) stays bounded by the batch.
         """
         if volume_hu.ndim != 3 or volume_hu.shape[0] == 0:
             raise ValueError(f'Argument "volume_hu" must have shape (z, y, x) with z >= 1, got {volume_hu.shape}')
@@ -228,27 +248,52 @@ class Model:
             raise ValueError(f'Argument "batch_size" must be at least 1, got {batch_size}')
         depth = volume_hu.shape[0]
         hu_window = (float(self.card.window[0]), float(self.card.window[1]))
+        names = [self.output_name] + ([self.map_name] if with_maps and self.map_name else [])
         scores = np.empty(depth, dtype=np.float32)
+        maps: np.ndarray | None = None
         for start in range(0, depth, batch_size):
             stop = min(start + batch_size, depth)
             batch = prepare_slices(
                 volume_hu, range(start, stop), size=self.card.size, context=self.card.context, hu_window=hu_window
             )
-            (out,) = self._session.run([self.output_name], {self.input_name: batch})
-            out = np.asarray(out)
+            outs = self._session.run(names, {self.input_name: batch})
+            out = np.asarray(outs[0])
             if out.size != stop - start:
                 raise ModelError(f"{self.path}: output shape {out.shape} for a batch of {stop - start}: expected one score per slice")
             scores[start:stop] = out.reshape(-1)
-        if not np.all(np.isfinite(scores)) or scores.min() < 0.0 or scores.max() > 1.0:
-            raise ModelError(f"{self.path}: model output is not a probability in [0, 1]")
-        return scores
+            if len(outs) > 1:
+                m = np.asarray(outs[1], dtype=np.float32)
+                if m.ndim != 4 or m.shape[0] != stop - start or m.shape[-1] != 1:
+                    raise ModelError(f"{self.path}: score map shape {m.shape} for a batch of {stop - start}: expected [N, h, w, 1]")
+                if maps is None:
+                    maps = np.empty((depth, m.shape[1], m.shape[2]), dtype=np.float32)
+                maps[start:stop] = m[..., 0]
+        _check_probabilities(self.path, "model output", scores)
+        if maps is not None:
+            _check_probabilities(self.path, "score map", maps)
+        return scores, maps
 
-    def analyse(self, volume_hu: np.ndarray, *, top_k: int = 3, batch_size: int = 32) -> Analysis:
-        """Score a (z, y, x) HU volume: study score by the card's aggregation, and its ``top_k`` key slices."""
+    def analyse(
+        self,
+        volume_hu: np.ndarray,
+        *,
+        spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+        top_k: int = 3,
+        max_peaks: int = 3,
+        batch_size: int = 32,
+    ) -> Analysis:
+        """Score a (z, y, x) HU volume: study score by the card's aggregation, its ``top_k`` key slices,
+        and, with a score map, its ``max_peaks`` most suspicious places (``spacing``: (z, row, column) mm)."""
         if top_k < 1:
             raise ValueError(f'Argument "top_k" must be at least 1, got {top_k}')
         started = time.perf_counter()
-        slice_scores = self.score_slices(volume_hu, batch_size=batch_size)
+        slice_scores, maps = self.run(volume_hu, batch_size=batch_size)
+        peaks: list[Peak] = []
+        if maps is not None:
+            peaks = locate_peaks(
+                maps, source_shape=(volume_hu.shape[1], volume_hu.shape[2]), size=self.card.size, spacing=spacing,
+                min_probability=0.0, max_peaks=max_peaks, min_distance_mm=FINDING_DISTANCE_MM,
+            )
         seconds = time.perf_counter() - started
         slice_scores.flags.writeable = False
         return Analysis(
@@ -259,4 +304,11 @@ class Model:
             providers=tuple(self.providers),
             seconds=seconds,
             slices_per_second=len(slice_scores) / seconds if seconds > 0 else float("inf"),
+            peaks=tuple(peaks),
+            located=maps is not None,
         )
+
+
+def _check_probabilities(path: Path, what: str, values: np.ndarray) -> None:
+    if not np.all(np.isfinite(values)) or values.min() < 0.0 or values.max() > 1.0:
+        raise ModelError(f"{path}: {what} is not a probability in [0, 1]")

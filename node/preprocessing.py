@@ -209,8 +209,8 @@ def locate_peaks(
         c = float(maps[k, y, x])
         fy = y + _refine(float(edge[k, y, x + 1]), c, float(edge[k, y + 2, x + 1]))
         fx = x + _refine(float(edge[k, y + 1, x]), c, float(edge[k, y + 1, x + 2]))
-        row = float(map_to_source(fy, h, rows, size))
-        col = float(map_to_source(fx, w, cols, size))
+        row = float(np.clip(map_to_source(fy, h, rows, size), 0, rows - 1))
+        col = float(np.clip(map_to_source(fx, w, cols, size), 0, cols - 1))
         mm = np.array([k * spacing[0], row * spacing[1], col * spacing[2]])
         if any(np.linalg.norm(mm - q) < min_distance_mm for q in kept_mm):
             continue

@@ -21,7 +21,6 @@ from node.audit import AuditTrail
 from node.config import Config
 from node.send import read_send_state
 from node.store import Storage
-from node.worker import read_outcome
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +33,7 @@ def sent_at(storage: Storage, cfg: Config, study_uid: str) -> float | None:
     if not revisions or not cfg.destinations:
         return None
     rev = revisions[-1]
-    outcome = read_outcome(storage, study_uid, rev)
+    outcome = storage.read_outcome(study_uid, rev)
     if outcome is None or outcome["status"] != "analysed":
         return None
     times = []

@@ -1,7 +1,9 @@
 """Send results to the destinations: C-STORE SCU, retries with back-off, dead letter.
 
 Sending is its own rq job per (study revision, destination), on its own queue,
-so a PACS outage retries only the send. A failed send is retried with
+so a PACS outage retries only the send. A destination gets the result objects
+it lists (``objects``: the SR in its ``sr_class``, the summary image, the key
+object selection), all in one association, SR first. A failed send is retried with
 exponential back-off for ``send.retry_hours``; after that it is dead-lettered
 (recorded, kept on disk) and ``ainode results resend`` sends it again.
 
@@ -17,7 +19,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -36,12 +38,6 @@ SEND_QUEUE = "ainode-send"
 SEND_RESULT = "node.send.send_result"
 SUCCESS = 0x0000
 MAX_INTERVAL_S = 3600
-#: SOP Class UIDs of the SR classes a destination may ask for.
-SR_SOP_CLASSES = {
-    "comprehensive": "1.2.840.10008.5.1.4.1.1.88.33",
-    "enhanced": "1.2.840.10008.5.1.4.1.1.88.22",
-    "comprehensive3d": "1.2.840.10008.5.1.4.1.1.88.34",
-}
 
 
 class SendError(AinodeError):
@@ -82,22 +78,29 @@ def _write_state(storage: Storage, study_uid: str, revision: int, destination: s
 
 @dataclass(frozen=True)
 class Delivery:
-    status: int
+    status: int  # the last object's status (Success, or a warning 0xBxxx)
     seconds: float
+    statuses: tuple[int, ...] = ()  # per object sent, in order
 
 
-def c_store(path: Path, dest: Destination, calling_ae: str, timeout: float, tls: TLSConfig | None = None) -> Delivery:
-    """Send one Part 10 file by C-STORE; returns the peer's status or raises SendError.
+def c_store(
+    paths: Path | Sequence[Path], dest: Destination, calling_ae: str, timeout: float, tls: TLSConfig | None = None
+) -> Delivery:
+    """Send Part 10 files by C-STORE in one association; returns the peer's statuses or raises SendError.
 
     A destination with ``tls`` is reached over TLS with the ``tls`` settings.
     """
     from pynetdicom import AE
 
-    ds = dcmread(path)
+    files = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    if not files:
+        raise ValueError('Argument "paths" must name at least one file.')
+    datasets = [dcmread(p) for p in files]
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
-    ae.add_requested_context(ds.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    for sop_class in dict.fromkeys(str(ds.SOPClassUID) for ds in datasets):
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     where = f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}{', TLS' if dest.tls else ''})"
     tls_args = None
     if dest.tls:
@@ -117,20 +120,31 @@ def c_store(path: Path, dest: Destination, calling_ae: str, timeout: float, tls:
             if (problem := handshake_problem(dest.host, dest.port, tls_args, timeout)) is not None:
                 raise SendError(f"{where}: no association: {problem}")
         raise SendError(f"{where}: no association (refused, aborted or timed out)")
+    codes: list[int] = []
     try:
-        status = assoc.send_c_store(ds)
+        for ds in datasets:
+            codes.append(_store_one(assoc, ds, where))
     finally:
         if assoc.is_established:
             assoc.release()
+    return Delivery(codes[-1], time.monotonic() - started, tuple(codes))
+
+
+def _store_one(assoc: Any, ds: Any, where: str) -> int:
+    """One C-STORE on an open association: the status, or SendError for a failure."""
+    what = f"{where}: C-STORE of {ds.SOPInstanceUID}"
+    if not any(c.abstract_syntax == ds.SOPClassUID for c in assoc.accepted_contexts):
+        raise SendError(f"{what}: the peer accepts no presentation context for SOP class {ds.SOPClassUID}")
+    status = assoc.send_c_store(ds)
     if not status or "Status" not in status:
-        raise SendError(f"{where}: no C-STORE response (connection lost or timed out)")
+        raise SendError(f"{what}: no response (connection lost or timed out)")
     code = int(status.Status)
     if code != SUCCESS and not 0xB000 <= code <= 0xBFFF:
         comment = status.get("ErrorComment", "")
-        raise SendError(f"{where}: C-STORE failed with status 0x{code:04X} {comment}".rstrip())
+        raise SendError(f"{what} failed with status 0x{code:04X} {comment}".rstrip())
     if code != SUCCESS:
-        logger.warning("%s: C-STORE stored with warning status 0x%04X", where, code)
-    return Delivery(code, time.monotonic() - started)
+        logger.warning("%s: stored with warning status 0x%04X", what, code)
+    return code
 
 
 def enqueue_send(
@@ -159,8 +173,9 @@ def enqueue_send(
 
 
 def send_result(study_uid: str, revision: int, destination: str, force: bool = False) -> str:
-    """The rq job: deliver the SR of one analysed revision to one destination."""
-    from node.worker import context
+    """The rq job: deliver the result objects of one analysed revision to one destination."""
+    from node.context import context
+    from node.results.objects import ensure_object, kinds_for
 
     ctx = context()
     storage, cfg = ctx.storage, ctx.refresh()
@@ -176,31 +191,36 @@ def send_result(study_uid: str, revision: int, destination: str, force: bool = F
         ctx.audit.sr_sent(study_uid, revision, None, None, destination, "?", "?", Outcome.SERIOUS_FAILURE,
                           "not sent: destination no longer configured")
         return "dropped"
-    from node.worker import ensure_sr
-
-    path = ensure_sr(ctx, study_uid, revision, dest.sr_class)
-    sr_uid, sr_class = path.stem, SR_SOP_CLASSES.get(dest.sr_class)
+    device = ctx.device()
+    kinds = kinds_for(dest)
+    paths = [ensure_object(storage, device, study_uid, revision, kind) for kind in kinds]
+    made = [(p.stem, str(dcmread(p, stop_before_pixels=True, specific_tags=["SOPClassUID"]).SOPClassUID)) for p in paths]
     job = get_current_job()
     attempts = int((previous or {}).get("attempts", 0)) + 1 if not force else 1
+    sent = {kind: p.name for kind, p in zip(kinds, paths)}
     try:
-        delivery = c_store(path, dest, cfg.node.ae_title, cfg.send.timeout_seconds, cfg.tls)
+        delivery = c_store(paths, dest, cfg.node.ae_title, cfg.send.timeout_seconds, cfg.tls)
     except (SendError, OSError, AinodeError) as exc:  # AinodeError: [tls] files that no longer load
         last = job is None or not job.retries_left
         _write_state(storage, study_uid, revision, destination, status="dead" if last else "retrying",
-                     attempts=attempts, last_error=str(exc), at=time.time(), sr=str(path.name))
+                     attempts=attempts, last_error=str(exc), at=time.time(), objects=sent)
         if last:
             logger.error("Study %s r%d: giving up sending to %s after %d attempts: %s",
                          study_uid, revision, destination, attempts, exc)
         else:
             logger.warning("Study %s r%d: send to %s failed (attempt %d, will retry): %s",
                            study_uid, revision, destination, attempts, exc)
-        ctx.audit.sr_sent(study_uid, revision, sr_uid, sr_class, destination, dest.ae_title, dest.host,
-                          Outcome.SERIOUS_FAILURE if last else Outcome.MINOR_FAILURE,
-                          f"{'given up after' if last else 'will be retried after'} attempt {attempts}: {exc}")
+        for uid, sop_class in made:
+            ctx.audit.sr_sent(study_uid, revision, uid, sop_class, destination, dest.ae_title, dest.host,
+                              Outcome.SERIOUS_FAILURE if last else Outcome.MINOR_FAILURE,
+                              f"{'given up after' if last else 'will be retried after'} attempt {attempts}: {exc}")
         raise SendError(str(exc)) from None
+    codes = ", ".join(f"0x{c:04X}" for c in delivery.statuses)
     _write_state(storage, study_uid, revision, destination, status="sent", attempts=attempts,
-                 status_code=f"0x{delivery.status:04X}", at=time.time(), sr=str(path.name))
-    ctx.audit.sr_sent(study_uid, revision, sr_uid, sr_class, destination, dest.ae_title, dest.host, Outcome.SUCCESS,
-                      f"sent{' over TLS' if dest.tls else ''}, status 0x{delivery.status:04X}, attempt {attempts}")
-    logger.info("Study %s r%d: SR sent to %s in %.2f s", study_uid, revision, destination, delivery.seconds)
+                 status_code=f"0x{delivery.status:04X}", statuses=codes, at=time.time(), objects=sent)
+    for (uid, sop_class), code in zip(made, delivery.statuses):
+        ctx.audit.sr_sent(study_uid, revision, uid, sop_class, destination, dest.ae_title, dest.host, Outcome.SUCCESS,
+                          f"sent{' over TLS' if dest.tls else ''}, status 0x{code:04X}, attempt {attempts}")
+    logger.info("Study %s r%d: %s sent to %s in %.2f s", study_uid, revision, ", ".join(kinds), destination,
+                delivery.seconds)
     return "sent"

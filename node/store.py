@@ -6,7 +6,7 @@ Layout under the storage root::
     state/<StudyUID>/rev-0001.json                        one file per queued revision
     state/<StudyUID>/rev-0001.outcome.json                its outcome (analysed, no result, failed)
     state/<StudyUID>/rev-0001.send-<dest>.json            its delivery to one destination
-    results/<StudyUID>/<SOPInstanceUID>.dcm               the SRs made
+    results/<StudyUID>/<SOPInstanceUID>.dcm               the result objects made (SR, summary image, KO)
     tmp/                                                  partial writes (same file system)
     redis/                                                the embedded Redis server
 
@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -281,3 +282,20 @@ class Storage:
 
     def has_outcome(self, study_uid: str, revision: int) -> bool:
         return self.outcome_path(study_uid, revision).exists()
+
+    def read_outcome(self, study_uid: str, revision: int) -> dict[str, Any] | None:
+        """A revision's recorded outcome, or None while it has none."""
+        try:
+            return json.loads(self.outcome_path(study_uid, revision).read_text())
+        except FileNotFoundError:
+            return None
+
+    def write_outcome(self, study_uid: str, revision: int, status: str, **fields: Any) -> dict[str, Any]:
+        """Record a revision's outcome (``analysed``, ``no_result``, ``failed``) durably; returns it."""
+        outcome = {"study_uid": study_uid, "revision": revision, "status": status, "finished_at": time.time(), **fields}
+        write_atomic(self.outcome_path(study_uid, revision), json.dumps(outcome, indent=1).encode(), self.tmp)
+        return outcome
+
+    def result_path(self, study_uid: str, sop_uid: str) -> Path:
+        """Where a result object (SR, summary image, KO) of the study is kept."""
+        return self.results / check_uid(study_uid, "Study Instance UID") / f"{check_uid(sop_uid, 'SOP Instance UID')}.dcm"

@@ -6,6 +6,11 @@ Runtime session:
 
     input -> Transpose (NCHW) -> Conv 3x3, 8 filters, pad 1 -> Relu
           -> GlobalMaxPool -> Flatten -> Gemm (8 -> 1) -> Sigmoid -> output
+                                  Relu -> Conv 1x1 (the Gemm's weights) -> Sigmoid -> NHWC -> score map
+
+The score map (``[N, size, size, 1]``, named in the card as ``map_output_name``)
+is the same linear read-out applied at every location, so it peaks where the
+blob filter fires; ``with_map=False`` builds the model without it.
 
 Seven filters have weights from a seeded RNG (each scaled to an L1 norm of 1)
 and small output weights. The eighth is hand-made, a "bright blob" detector:
@@ -38,6 +43,7 @@ OPSET = 17
 IR_VERSION = 8  # the lowest IR for opset 17, so older onnxruntime releases load it too
 INPUT_NAME = "input"
 OUTPUT_NAME = "probability"
+MAP_NAME = "score_map"
 
 RANDOM_FILTERS = 7
 #: The blob filter fires where the weighted 3x3 mean is denser than this (HU).
@@ -57,7 +63,8 @@ def _blob_filter(channels: int, level: float) -> tuple[np.ndarray, float]:
 
 
 def build_test_model(
-    path: Path, *, size: int = 64, context: int = 1, seed: int = 0, name: str = "ainode-test-cnn"
+    path: Path, *, size: int = 64, context: int = 1, seed: int = 0, name: str = "ainode-test-cnn",
+    with_map: bool = True,
 ) -> ModelCard:
     """Write a small real CNN to ``path`` (ONNX, opset 17) and its card beside it; return the card."""
     if size < 3:
@@ -95,11 +102,23 @@ def build_test_model(
         helper.make_node("Gemm", ["features", "dense_w", "dense_b"], ["logit"], transB=1),
         helper.make_node("Sigmoid", ["logit"], [OUTPUT_NAME]),
     ]
+    outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", 1])]
+    if with_map:
+        initializers += [
+            numpy_helper.from_array(gemm_w.reshape(1, -1, 1, 1), "map_w"),
+            numpy_helper.from_array(gemm_b, "map_b"),
+        ]
+        nodes += [
+            helper.make_node("Conv", ["relu", "map_w", "map_b"], ["map_logit"], kernel_shape=[1, 1]),
+            helper.make_node("Sigmoid", ["map_logit"], ["map_nchw"]),
+            helper.make_node("Transpose", ["map_nchw"], [MAP_NAME], perm=[0, 2, 3, 1]),
+        ]
+        outputs.append(helper.make_tensor_value_info(MAP_NAME, TensorProto.FLOAT, ["N", size, size, 1]))
     graph = helper.make_graph(
         nodes,
         name,
         [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", size, size, channels])],
-        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", 1])],
+        outputs,
         initializer=initializers,
     )
     model = helper.make_model(
@@ -116,6 +135,7 @@ def build_test_model(
         input_name=INPUT_NAME,
         input_shape=[None, size, size, channels],
         output_name=OUTPUT_NAME,
+        map_output_name=MAP_NAME if with_map else "",
         preprocessing_version=PREPROCESSING_VERSION,
         size=size,
         context=context,

@@ -112,6 +112,7 @@ class Volume:
     sop_instance_uids: tuple[str, ...]
     missing_slices: int
     skipped: tuple[str, ...]
+    instance_numbers: tuple[int | None, ...] = ()  # per slice, as the source says (what a person calls it)
 
 
 @dataclass(frozen=True)
@@ -584,6 +585,7 @@ def _build_volume(headers: list[_Header], max_slices: int, max_pixels: int, min_
         sop_instance_uids=tuple(h.sop_uid for h in headers),
         missing_slices=missing,
         skipped=tuple(skipped),
+        instance_numbers=tuple(h.instance_number for h in headers),
     )
 
 

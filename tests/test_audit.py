@@ -46,12 +46,13 @@ def summary(e: dict) -> tuple[str, str, int]:
 def test_store_rejected_association_and_failed_send_in_order(nodes, tmp_path):
     from node.send import SendError, send_result
     from node.store import Storage
-    from node.worker import WorkerContext, set_context, sr_uids
+    from node.results.facts import object_uids
+    from node.worker import WorkerContext, set_context
     from tests.test_tls import write_sr
 
     closed = free_port()  # nothing listens there: the send fails
     node = NodeProcess(short_tmp(), quiet=600, callers=[("STORESCU", None), ("PYSCU", None)], extra_config=(
-        f'[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = {closed}\n'))
+        f'[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = {closed}\nobjects = ["sr"]\n'))
     nodes.append(node.start())
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     ds.PatientName, ds.PatientID = PATIENT_NAME, PATIENT_ID
@@ -72,8 +73,8 @@ def test_store_rejected_association_and_failed_send_in_order(nodes, tmp_path):
     set_context(ctx)
     try:
         study = str(ds.StudyInstanceUID)
-        _, sr_uid = sr_uids(ctx.device_uid, study, 1, "comprehensive")
-        sr_path = storage.results / study / f"{sr_uid}.dcm"
+        _, sr_uid = object_uids(ctx.node_uid, study, 1, "sr-comprehensive")
+        sr_path = storage.result_path(study, sr_uid)
         sr_path.parent.mkdir(parents=True)
         storage.ensure_dir(storage.state / study)  # where the send state is kept (normally made by completion)
         os.replace(write_sr(tmp_path), sr_path)

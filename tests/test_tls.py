@@ -276,18 +276,20 @@ def test_silent_client_is_dropped_after_the_handshake_timeout(nodes, pki):
 
 
 def write_sr(directory: Path) -> Path:
-    """A real TID 1500 SR (made by node.report) about a small CT series."""
+    """A real TID 1500 SR (made by node.results.sr) about a small CT series."""
     import numpy as np
 
-    from node.report import AlgorithmInfo, DeviceInfo, Finding, KeyImage, build_sr
+    from node.results.facts import KeyImage, ModelInfo, NodeDevice, Result, SourceImage
+    from node.results.sr import build_sr
     from node.sample import write_ct_series
 
     vol = np.full((4, 32, 32), -700, np.int16)
     paths = write_ct_series(vol, (2.5, 0.7, 0.7), directory / "ct", patient_name="TLS^TEST", patient_id="T1")
     sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
-    sr = build_sr(sources, Finding(0.3, 0.5), [KeyImage(sources[1].SOPClassUID, sources[1].SOPInstanceUID, 1, 0.3)],
-                  AlgorithmInfo("test", "1", "ab" * 32, "threshold=0.5"), DeviceInfo(uid="2.25.42"),
-                  series_uid=generate_uid(), sop_instance_uid=generate_uid())
+    image = SourceImage(str(sources[1].SOPClassUID), str(sources[1].SOPInstanceUID), 1, 2)
+    result = Result(str(sources[0].StudyInstanceUID), 1, str(sources[0].SeriesInstanceUID), 0.3, 0.5, (),
+                    (KeyImage(image, 0.3),), ModelInfo("test", "1", "ab" * 32))
+    sr = build_sr(result, sources, NodeDevice(uid="2.25.42"), series_uid=generate_uid(), sop_instance_uid=generate_uid())
     path = directory / "sr.dcm"
     sr.save_as(path, enforce_file_format=True)
     return path

@@ -13,7 +13,7 @@ from node.config import Config, Destination, ModelConfig, NodeConfig
 from node.enqueue import QUEUE_NAME, JobQueue
 from node.send import SEND_QUEUE
 from node.store import Storage
-from node.worker import WorkerContext, analyse_study, read_outcome, set_context
+from node.worker import WorkerContext, analyse_study, set_context
 from tests.peers import store_series
 
 
@@ -31,7 +31,7 @@ def ctx(redis_server, tmp_path, lung1_series):
     cfg = Config(
         node=NodeConfig(storage=storage.root),
         model=ModelConfig(path=str(model), device="cpu"),
-        destinations=(Destination("pacs", "PACS", "127.0.0.1", 9),),
+        destinations=(Destination("pacs", "PACS", "127.0.0.1", 9, objects=("sr",)),),
     )
     context = WorkerContext(cfg, storage, r)
     set_context(context)
@@ -42,17 +42,31 @@ def ctx(redis_server, tmp_path, lung1_series):
 def test_analysis_twice_gives_one_result(ctx, lung1_series):
     study = store_series(ctx.storage, lung1_series, 1)
     assert analyse_study(study, 1) == "analysed"
-    first = read_outcome(ctx.storage, study, 1)
+    first = ctx.storage.read_outcome(study, 1)
     srs = list((ctx.storage.results / study).glob("*.dcm"))
     assert len(srs) == 1
     assert analyse_study(study, 1) == "analysed"  # a rerun (a retried job, a requeue after Redis loss)
-    assert read_outcome(ctx.storage, study, 1) == first
+    assert ctx.storage.read_outcome(study, 1) == first
     assert list((ctx.storage.results / study).glob("*.dcm")) == srs
     sends = ctx.redis.lrange(f"rq:queue:{SEND_QUEUE}", 0, -1)
     assert len(sends) == 1  # one delivery job per destination, not one per run
     result = first["result"]
-    assert result["slices"] == 48 and 0.0 <= result["score"] <= 1.0
-    assert len(result["key_images"]) == 3 and result["providers"][0] == "CPUExecutionProvider"
+    assert first["slices"] == 48 and 0.0 <= result["score"] <= 1.0
+    assert len(result["key_images"]) == 3 and first["providers"][0] == "CPUExecutionProvider"
+    assert list(first["objects"]) == ["sr-comprehensive"]
+    # the threshold has one owner: an empty [model] threshold means the card's
+    assert (result["threshold"], result["model"]["threshold_source"]) == (ctx.model.card.threshold, "model card")
+
+
+def test_config_threshold_overrides_the_card(ctx, lung1_series):
+    from dataclasses import replace
+
+    ctx.cfg = replace(ctx.cfg, model=replace(ctx.cfg.model, threshold=1.0))
+    study = store_series(ctx.storage, lung1_series, 1)
+    analyse_study(study, 1)
+    result = ctx.storage.read_outcome(study, 1)["result"]
+    assert (result["threshold"], result["model"]["threshold_source"]) == (1.0, "config")
+    assert result["score"] < 1.0 and result["findings"] == []  # negative at 1.0: nothing located is reported
 
 
 def test_second_revision_names_the_first_sr(ctx, lung1_series):
@@ -60,13 +74,16 @@ def test_second_revision_names_the_first_sr(ctx, lung1_series):
     analyse_study(study, 1)
     store_series(ctx.storage, lung1_series[40:], 2)
     analyse_study(study, 2)
-    sr1 = json.loads(ctx.storage.outcome_path(study, 1).read_text())["sr"]["comprehensive"]
-    sr2_name = json.loads(ctx.storage.outcome_path(study, 2).read_text())["sr"]["comprehensive"]
+    sr1_name = json.loads(ctx.storage.outcome_path(study, 1).read_text())["objects"]["sr-comprehensive"]
+    sr2_name = json.loads(ctx.storage.outcome_path(study, 2).read_text())["objects"]["sr-comprehensive"]
+    sr1 = pydicom.dcmread(ctx.storage.results / study / sr1_name)
     sr2 = pydicom.dcmread(ctx.storage.results / study / sr2_name)
     refs = [i.ReferencedSOPInstanceUID for s in sr2.PredecessorDocumentsSequence
             for se in s.ReferencedSeriesSequence for i in se.ReferencedSOPSequence]
-    assert refs == [Path(sr1).stem]
-    assert len(json.loads(ctx.storage.outcome_path(study, 2).read_text())["result"]["instances_used"]) == 48
+    assert refs == [Path(sr1_name).stem]
+    # one SR series for the study: a viewer lists the newest last
+    assert sr1.SeriesInstanceUID == sr2.SeriesInstanceUID and (sr1.InstanceNumber, sr2.InstanceNumber) == (1, 2)
+    assert len(json.loads(ctx.storage.outcome_path(study, 2).read_text())["instances_used"]) == 48
 
 
 def test_simple_worker_runs_jobs_with_one_model(ctx, lung1_series, tmp_path):
@@ -83,4 +100,4 @@ def test_simple_worker_runs_jobs_with_one_model(ctx, lung1_series, tmp_path):
     assert worker.work(burst=True)
     assert ctx.model is model  # loaded once, kept for every job
     for study in (study_a, study_b):
-        assert read_outcome(ctx.storage, study, 1)["status"] == "analysed"
+        assert ctx.storage.read_outcome(study, 1)["status"] == "analysed"

@@ -39,9 +39,9 @@ def percent(p: float) -> str:
     return f"{value} %"
 
 
-def percent_value(p: float) -> float:
+def percent_value(p: float) -> int:
     """A probability in percent, rounded to a whole number (the NUM the SR carries)."""
-    return float(round(100 * float(p)))
+    return int(round(100 * float(p)))
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,29 +14,14 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from node.report import (
-    AlgorithmInfo,
-    DeviceInfo,
-    Finding,
-    KeyImage,
-    SRClass,
-    build_sr,
-    sr_summary,
-    tracking_uid,
-)
+from node.results.facts import DEMO_NOTICE, Finding, KeyImage, ModelInfo, NodeDevice, Result, SourceImage
+from node.results.sr import SR_SOP_CLASSES, SRClass, build_sr, sr_summary
 
-SR_SOP_CLASS = {
-    SRClass.COMPREHENSIVE: "1.2.840.10008.5.1.4.1.1.88.33",
-    SRClass.ENHANCED: "1.2.840.10008.5.1.4.1.1.88.22",
-    SRClass.COMPREHENSIVE_3D: "1.2.840.10008.5.1.4.1.1.88.34",
-}
+SR_SOP_CLASS = SR_SOP_CLASSES
 NAME_LATIN1 = "Müller^Jürgen"
 NAME_UTF8 = "Dvořák^Łukasz=山田^太郎"
-ALGORITHM = AlgorithmInfo(
-    name="ainode-lungnet", version="1.2.0", sha256="ab" * 32,
-    parameters="threshold=0.5; aggregation=top3-mean; preprocessing=1",
-)
-DEVICE = DeviceInfo(uid="2.25.1234567890123456789")
+MODEL = ModelInfo(name="ainode-lungnet", version="1.2.0", sha256="ab" * 32, located=True)
+DEVICE = NodeDevice(uid="2.25.1234567890123456789")
 needs_dciodvfy = pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) not installed")
 needs_dsrdump = pytest.mark.skipif(shutil.which("dsrdump") is None, reason="dsrdump (DCMTK) not installed")
 
@@ -74,19 +60,28 @@ def utf8_sources(ct_paths: list[Path], tmp_path_factory: pytest.TempPathFactory)
     return [dcmread(p, stop_before_pixels=True) for p in paths]
 
 
-def key_images(sources: list[Dataset]) -> list[KeyImage]:
-    return [
-        KeyImage(str(sources[i].SOPClassUID), str(sources[i].SOPInstanceUID), i, score)
-        for i, score in ((3, 0.81), (4, 0.93))
-    ]
+def image(sources: list[Dataset], i: int) -> SourceImage:
+    return SourceImage(str(sources[i].SOPClassUID), str(sources[i].SOPInstanceUID), i, int(sources[i].InstanceNumber))
 
 
-def build(sources: list[Dataset], sr_class: SRClass = SRClass.COMPREHENSIVE, **kw) -> Dataset:
+def result(sources: list[Dataset], score: float = 0.8731, threshold: float = 0.5, findings: int = 1,
+           **kw) -> Result:
+    """A result on ``sources``: key slices 4 and 3; ``findings`` located nodules (on slices 4, 6, ...)."""
+    located = tuple(Finding(n + 1, image(sources, 4 + 2 * n), 31.5 - 10 * n, 32.0 + 5 * n, score - 0.05 * n)
+                    for n in range(findings)) if score >= threshold else ()
+    values = dict(study_uid=str(sources[0].StudyInstanceUID), revision=1, series_uid=str(sources[0].SeriesInstanceUID),
+                  score=score, threshold=threshold, findings=located,
+                  key_images=(KeyImage(image(sources, 4), 0.93), KeyImage(image(sources, 3), 0.81)), model=MODEL,
+                  extra={"pixel_spacing": [0.7, 0.7]})
+    values.update(kw)
+    return Result(**values)
+
+
+def build(sources: list[Dataset], sr_class: SRClass = SRClass.COMPREHENSIVE, res: Result | None = None,
+          **kw) -> Dataset:
     kw.setdefault("series_uid", str(generate_uid()))
     kw.setdefault("sop_instance_uid", str(generate_uid()))
-    finding = kw.pop("finding", Finding(probability=0.8731, threshold=0.5))
-    keys = kw.pop("key_images", key_images(sources))
-    return build_sr(sources, finding, keys, ALGORITHM, DEVICE, sr_class=sr_class, **kw)
+    return build_sr(res or result(sources), sources, DEVICE, sr_class=sr_class, **kw)
 
 
 def write(sr: Dataset, path: Path) -> Path:
@@ -126,13 +121,15 @@ def test_sr_header_round_trip(sources: list[Dataset], tmp_path: Path, sr_class: 
               for sop in series.ReferencedSOPSequence}
     assert listed == {s.SOPInstanceUID for s in sources}
 
-    ours = [e for e in ds.ContributingEquipmentSequence if e.get("DeviceUID") == DEVICE.uid]
-    assert len(ours) == 1
+    ours = [e for e in ds.ContributingEquipmentSequence if e.get("DeviceUID") == MODEL.device_uid]
+    assert len(ours) == 1  # IHE AIR: the model, as a device whose UID derives from its sha256
     (purpose,) = ours[0].PurposeOfReferenceCodeSequence
     assert (purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning) == (
         "Newcode1", "99IHE", "Processing Algorithm")
     assert (ours[0].Manufacturer, ours[0].ManufacturerModelName, ours[0].SoftwareVersions) == (
-        DEVICE.manufacturer, DEVICE.model_name, DEVICE.software_version)
+        DEVICE.manufacturer, MODEL.name, MODEL.version)
+    assert DEMO_NOTICE in ours[0].ContributionDescription
+    assert (ds.ManufacturerModelName, ds.SoftwareVersions) == (DEVICE.model_name, DEVICE.software_version)
     assert "99IHE" in {c.CodingSchemeDesignator for c in ds.CodingSchemeIdentificationSequence}
 
     root = ds.ConceptNameCodeSequence[0]
@@ -145,25 +142,80 @@ def test_sr_summary_reads_back_the_result(sources: list[Dataset], tmp_path: Path
     sr = build(sources, sr_class)
     path = write(sr, tmp_path / "sr.dcm")
     for summary in (sr_summary(path), sr_summary(dcmread(path)), sr_summary(sr)):
-        assert summary["probability"] == pytest.approx(0.8731)
-        assert summary["threshold"] == 0.5
+        assert summary["probability"] == pytest.approx(0.87)  # a whole percent, as a person reads it
+        assert summary["unit"] == "%"
         assert summary["qualitative"] == "positive"
+        assert summary["nodule"] == "present"
+        assert summary["impression"].startswith(f"AI result ({DEMO_NOTICE}): suspicious nodule, probability 87 %")
+        assert "threshold 50 %" in summary["impression"]
+        assert f"image {sources[4].InstanceNumber}" in summary["impression"]  # images named by Instance Number
         assert summary["key_image_uids"] == [sources[4].SOPInstanceUID, sources[3].SOPInstanceUID]  # highest first
+        assert summary["image_library_uids"] == [sources[4].SOPInstanceUID]
+        (finding,) = summary["findings"]
+        assert finding["graphic_type"] == "POINT"
+        assert finding["graphic_data"] == [[32.5, 32.0]]  # (column, row) with the image's top-left corner at 0.0
+        assert finding["image_uid"] == sources[4].SOPInstanceUID
+        assert (finding["tracking_id"], finding["probability"], finding["qualitative"]) == ("Nodule 1", 0.87,
+                                                                                          "positive")
         assert (summary["algorithm_name"], summary["algorithm_version"]) == ("ainode-lungnet", "1.2.0")
         assert summary["algorithm_parameters"] == [
-            "threshold=0.5", "aggregation=top3-mean", "preprocessing=1", f"sha256={'ab' * 32}"]
-        assert summary["device_uid"] == DEVICE.uid
-        assert summary["tracking_uid"] == tracking_uid(sources[0].StudyInstanceUID)
+            "threshold=50 % (model card)", "aggregation=top3_mean", f"sha256={'ab' * 32}",
+            f"intended use={DEMO_NOTICE}"]
+        assert summary["device_uid"] == MODEL.device_uid
+        assert MODEL.device_uid in summary["equipment_device_uids"]
         assert summary["study_uid"] == sources[0].StudyInstanceUID
         assert summary["sop_class_uid"] == SR_SOP_CLASS[sr_class]
         assert summary["predecessor_uids"] == []
 
 
+def test_a_new_model_is_a_new_device(sources: list[Dataset]) -> None:
+    other = dataclasses.replace(MODEL, sha256="cd" * 32)
+    first = sr_summary(build(sources))
+    second = sr_summary(build(sources, res=result(sources, model=other)))
+    assert first["device_uid"] != second["device_uid"] == other.device_uid
+
+
+def test_negative_study_asserts_no_nodule_and_has_no_coordinates(sources: list[Dataset]) -> None:
+    sr = build(sources, res=result(sources, score=0.12))
+    summary = sr_summary(sr)
+    assert (summary["qualitative"], summary["nodule"], summary["findings"]) == ("negative", "absent", [])
+    assert summary["impression"] == (f"AI result ({DEMO_NOTICE}): no nodule reached the threshold "
+                                     "(study probability 12 %, threshold 50 %)")
+    assert "GraphicType" not in str(sr)  # no SCOORD anywhere
+
+
+def test_two_findings_make_two_planar_groups(sources: list[Dataset]) -> None:
+    summary = sr_summary(build(sources, res=result(sources, score=0.9, findings=2)))
+    assert [f["tracking_id"] for f in summary["findings"]] == ["Nodule 1", "Nodule 2"]
+    assert [f["image_uid"] for f in summary["findings"]] == [sources[4].SOPInstanceUID, sources[6].SOPInstanceUID]
+    assert len({f["tracking_uid"] for f in summary["findings"]}) == 2
+    assert summary["image_library_uids"] == [sources[4].SOPInstanceUID, sources[6].SOPInstanceUID]
+    assert "1 more: 85 % on image" in summary["impression"]
+
+
+def test_a_diameter_makes_a_circle(sources: list[Dataset]) -> None:
+    res = result(sources)
+    res = dataclasses.replace(res, findings=(dataclasses.replace(res.findings[0], diameter_mm=7.0),))
+    (finding,) = sr_summary(build(sources, res=res))["findings"]
+    assert finding["graphic_type"] == "CIRCLE"
+    centre, edge = finding["graphic_data"]
+    assert edge[0] - centre[0] == pytest.approx(3.5 / 0.7, abs=1e-3)  # the radius in pixels
+
+
+def test_a_model_without_map_reports_no_coordinates(sources: list[Dataset]) -> None:
+    res = result(sources, model=dataclasses.replace(MODEL, located=False), findings=0)
+    summary = sr_summary(build(sources, res=res))
+    assert (summary["qualitative"], summary["findings"]) == ("positive", [])
+    assert summary["impression"].endswith("(not located)")
+
+
 @needs_dciodvfy
 @pytest.mark.parametrize("sr_class", list(SRClass))
-def test_dciodvfy_finds_no_error(sources: list[Dataset], tmp_path: Path, sr_class: SRClass) -> None:
+@pytest.mark.parametrize("score", [0.8731, 0.12])
+def test_dciodvfy_finds_no_error(sources: list[Dataset], tmp_path: Path, sr_class: SRClass, score: float) -> None:
     prior = dcmread(write(build(sources, sr_class), tmp_path / "prior.dcm"))
-    path = write(build(sources, sr_class, predecessor=prior), tmp_path / "sr.dcm")
+    sr = build(sources, sr_class, res=result(sources, score=score, findings=2), predecessor=prior)
+    path = write(sr, tmp_path / "sr.dcm")
     proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, errors="replace", timeout=60)
     lines = (proc.stdout + proc.stderr).splitlines()
     assert [ln for ln in lines if ln.startswith("Error")] == [], "\n".join(lines)
@@ -180,24 +232,26 @@ def test_dsrdump_reads_it(sources: list[Dataset], tmp_path: Path, sr_class: SRCl
     out = proc.stdout.decode("latin-1")
     assert proc.returncode == 0, out + proc.stderr.decode("latin-1")
     assert "Imaging Measurement Report" in out
-    assert 'Probability of cancer")="0.8731"' in out
+    assert 'Probability of cancer")="87" (%,UCUM,"percent")' in out
     assert '"Malignancy")=(10828004,SCT,"Positive")' in out
+    assert '"Nodule")=(52101004,SCT,"Present")' in out
+    assert 'SCOORD:(,,"Image Region")=(POINT,' in out
     assert [ln for ln in proc.stderr.decode("latin-1").splitlines() if ln.startswith(("W:", "E:"))] == []
 
 
 def test_utf8_patient_name_survives(utf8_sources: list[Dataset], tmp_path: Path) -> None:
-    path = write(build(utf8_sources), tmp_path / "sr.dcm")
+    path = write(build(utf8_sources, res=result(utf8_sources)), tmp_path / "sr.dcm")
     ds = dcmread(path)
     assert ds.SpecificCharacterSet == "ISO_IR 192"
     assert str(ds.PatientName) == NAME_UTF8
     assert ds.StudyInstanceUID == utf8_sources[0].StudyInstanceUID
-    assert sr_summary(path)["probability"] == pytest.approx(0.8731)
+    assert sr_summary(path)["probability"] == pytest.approx(0.87)
 
 
 @needs_dsrdump
 @needs_dciodvfy
 def test_utf8_sr_passes_the_dicom_tools(utf8_sources: list[Dataset], tmp_path: Path) -> None:
-    path = write(build(utf8_sources), tmp_path / "sr.dcm")
+    path = write(build(utf8_sources, res=result(utf8_sources)), tmp_path / "sr.dcm")
     proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, errors="replace", timeout=60)
     assert [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("Error")] == []
     dump = subprocess.run(["dsrdump", "+U8", str(path)], capture_output=True, timeout=60)
@@ -209,15 +263,15 @@ def test_sr_class_may_be_given_by_value(sources: list[Dataset]) -> None:
     assert build(sources, "enhanced").SOPClassUID == SR_SOP_CLASS[SRClass.ENHANCED]  # type: ignore[arg-type]
 
 
-def test_below_threshold_is_negative(sources: list[Dataset]) -> None:
-    summary = sr_summary(build(sources, finding=Finding(probability=0.12, threshold=0.5)))
-    assert (summary["probability"], summary["qualitative"]) == (pytest.approx(0.12), "negative")
-    assert sr_summary(build(sources, finding=Finding(probability=0.5, threshold=0.5)))["qualitative"] == "positive"
+def test_at_the_threshold_is_positive(sources: list[Dataset]) -> None:
+    assert sr_summary(build(sources, res=result(sources, score=0.5)))["qualitative"] == "positive"
+    assert sr_summary(build(sources, res=result(sources, score=0.499)))["qualitative"] == "negative"
 
 
 def test_predecessor_is_referenced(sources: list[Dataset], tmp_path: Path) -> None:
     prior = dcmread(write(build(sources), tmp_path / "prior.dcm"), stop_before_pixels=True)
-    path = write(build(sources, predecessor=prior, instance_number=2), tmp_path / "sr.dcm")
+    path = write(build(sources, res=result(sources, revision=2), predecessor=prior, instance_number=2),
+                 tmp_path / "sr.dcm")
     ds = dcmread(path)
     (study,) = ds.PredecessorDocumentsSequence
     (series,) = study.ReferencedSeriesSequence
@@ -226,37 +280,38 @@ def test_predecessor_is_referenced(sources: list[Dataset], tmp_path: Path) -> No
     assert (sop.ReferencedSOPClassUID, sop.ReferencedSOPInstanceUID) == (prior.SOPClassUID, prior.SOPInstanceUID)
     summary = sr_summary(path)
     assert summary["predecessor_uids"] == [(prior.StudyInstanceUID, prior.SeriesInstanceUID, prior.SOPInstanceUID)]
-    assert summary["tracking_uid"] == sr_summary(prior)["tracking_uid"]  # the same finding, tracked
+    assert summary["study_tracking_uid"] == sr_summary(prior)["study_tracking_uid"]  # the study result, tracked
+    assert summary["findings"][0]["tracking_uid"] != sr_summary(prior)["findings"][0]["tracking_uid"]
 
 
 def test_sources_of_two_studies_are_refused(sources: list[Dataset]) -> None:
     other = copy.deepcopy(sources[-1])
     other.StudyInstanceUID = generate_uid()
     with pytest.raises(ValueError, match='"sources"'):
-        build([*sources[:-1], other], key_images=[])
+        build([*sources[:-1], other])
 
 
-@pytest.mark.parametrize(
-    "change, argument",
-    [
-        (dict(finding=Finding(probability=1.2, threshold=0.5)), '"finding"'),
-        (dict(finding=Finding(probability=float("nan"), threshold=0.5)), '"finding"'),
-        (dict(finding=Finding(probability=0.7, threshold=0.6)), '"algorithm"'),  # parameters say 0.5
-        (dict(key_images=[KeyImage("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", 0, 0.9)]), '"key_images"'),
-        (dict(series_uid="SOURCE"), '"series_uid"'),
-        (dict(sr_class="basic"), '"sr_class"'),
-    ],
-)
-def test_bad_arguments_are_named(sources: list[Dataset], change: dict, argument: str) -> None:
-    if change.get("series_uid") == "SOURCE":
-        change = dict(series_uid=str(sources[0].SeriesInstanceUID))
-    with pytest.raises(ValueError, match=argument):
-        build(sources, **change)
+def test_bad_arguments_are_named(sources: list[Dataset]) -> None:
+    with pytest.raises(ValueError, match='"score"'):
+        result(sources, score=1.2)
+    with pytest.raises(ValueError, match='"score"'):
+        result(sources, score=float("nan"))
+    stranger = SourceImage("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", 0, 1)
+    with pytest.raises(ValueError, match='"result"'):
+        build(sources, res=result(sources, key_images=(KeyImage(stranger, 0.9),)))
+    res = result(sources)
+    outside = dataclasses.replace(res.findings[0], row=70.0)
+    with pytest.raises(ValueError, match="outside"):
+        build(sources, res=dataclasses.replace(res, findings=(outside,)))
+    with pytest.raises(ValueError, match='"series_uid"'):
+        build(sources, series_uid=str(sources[0].SeriesInstanceUID))
+    with pytest.raises(ValueError, match='"sr_class"'):
+        build(sources, sr_class="basic")  # type: ignore[arg-type]
 
 
 def test_predecessor_of_another_study_is_refused(sources: list[Dataset], utf8_sources: list[Dataset]) -> None:
     with pytest.raises(ValueError, match='"predecessor"'):
-        build(sources, predecessor=build(utf8_sources))
+        build(sources, predecessor=build(utf8_sources, res=result(utf8_sources)))
 
 
 def test_three_hundred_sources_are_all_evidence(sources: list[Dataset]) -> None:
@@ -265,6 +320,6 @@ def test_three_hundred_sources_are_all_evidence(sources: list[Dataset]) -> None:
         ds = copy.deepcopy(sources[i % len(sources)])
         ds.SOPInstanceUID = generate_uid()
         many.append(ds)
-    sr = build(many, key_images=key_images(many))
+    sr = build(many, res=result(many))
     (evidence,) = sr.CurrentRequestedProcedureEvidenceSequence
     assert sum(len(s.ReferencedSOPSequence) for s in evidence.ReferencedSeriesSequence) == 300
