@@ -90,7 +90,7 @@ def content_tree(ds: Dataset, depth: int = 0) -> list[str]:
 
 def run_demo(keep: bool = False, slices: int | None = None) -> int:
     """Run the demo; returns the exit code."""
-    from node.results.sr import sr_summary
+    from node.results.sr_read import sr_summary
     from node.sample import make_lung1_series
 
     work = Path(tempfile.mkdtemp(prefix="ainode-demo-", dir="/tmp"))

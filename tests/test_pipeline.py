@@ -90,7 +90,7 @@ def test_lung1_to_orthanc_sr_in_same_study(nodes, pacs, lung1_series, test_model
                 for se in s.ReferencedSeriesSequence for i in se.ReferencedSOPSequence}
     assert evidence == {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in lung1_series}
 
-    from node.report import sr_summary
+    from node.results.sr_read import sr_summary
 
     summary = sr_summary(sr)
     result = outcome(node, study)["result"]

@@ -15,7 +15,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from node.results.facts import DEMO_NOTICE, Finding, KeyImage, ModelInfo, NodeDevice, Result, SourceImage
-from node.results.sr import SR_SOP_CLASSES, SRClass, build_sr, sr_summary
+from node.results.sr import SR_SOP_CLASSES, SRClass, build_sr
+from node.results.sr_read import sr_summary
 
 SR_SOP_CLASS = SR_SOP_CLASSES
 NAME_LATIN1 = "Müller^Jürgen"
@@ -128,7 +129,8 @@ def test_sr_header_round_trip(sources: list[Dataset], tmp_path: Path, sr_class: 
         "Newcode1", "99IHE", "Processing Algorithm")
     assert (ours[0].Manufacturer, ours[0].ManufacturerModelName, ours[0].SoftwareVersions) == (
         DEVICE.manufacturer, MODEL.name, MODEL.version)
-    assert DEMO_NOTICE in ours[0].ContributionDescription
+    node = [e for e in ds.ContributingEquipmentSequence if e.get("DeviceUID") == DEVICE.uid]
+    assert len(node) == 1 and node[0].SoftwareVersions == DEVICE.software_version
     assert (ds.ManufacturerModelName, ds.SoftwareVersions) == (DEVICE.model_name, DEVICE.software_version)
     assert "99IHE" in {c.CodingSchemeDesignator for c in ds.CodingSchemeIdentificationSequence}
 

@@ -144,6 +144,12 @@ class Result:
             return tuple(seen.values())
         return tuple(k.image for k in self.key_images)
 
+    @property
+    def selected_images(self) -> tuple[SourceImage, ...]:
+        """The images the key object selection flags and the summary image shows, best first:
+        :attr:`shown_images` of a positive result; of a negative one only the top key image."""
+        return self.shown_images if self.positive else self.shown_images[:1]
+
     def summary(self) -> str:
         """The result in one line of words, for the SR's first item and the summary image."""
         head = f"AI result ({DEMO_NOTICE}): "

@@ -37,7 +37,7 @@ Specific Character Set), COMPLETE, UNVERIFIED, every source instance in the
 Current Requested Procedure Evidence Sequence, the earlier SR of the study in
 the Predecessor Documents Sequence, and the model in the Contributing
 Equipment Sequence with purpose (Newcode1, 99IHE, "Processing Algorithm") and
-its Device UID, as IHE AIR asks.
+its Device UID, as IHE AIR asks, beside the node that ran it (node.results.dicom).
 
 This module imports highdicom at module level: the receive path never imports it.
 """
@@ -46,13 +46,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-import os
 from enum import Enum
-from typing import Any, Sequence, cast
+from typing import Any, Sequence
 
-import highdicom as hd
 import numpy as np
-from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import (
     AlgorithmIdentification,
     CodeContentItem,
@@ -77,13 +74,12 @@ from highdicom.sr import (
     SourceImageForRegion,
     TextContentItem,
     TrackingIdentifier,
-    ValueTypeValues,
 )
-from highdicom.sr.utils import find_content_items
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.valuerep import DSfloat
 
+from node.results.dicom import IHE_CODING_SCHEME, contributing_equipment
 from node.results.facts import DEMO_NOTICE, MANUFACTURER, Finding, NodeDevice, Result, percent, percent_value
 
 logger = logging.getLogger(__name__)
@@ -106,8 +102,6 @@ PRESENT = CodedConcept("52101004", "SCT", "Present")
 ABSENT = CodedConcept("2667000", "SCT", "Absent")
 QUALITATIVE_EVALUATIONS = CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 IMPRESSION = CodedConcept("121073", "DCM", "Impression")
-#: Contributing Equipment purpose of reference required by IHE AIR (provisional IHE code).
-PROCESSING_ALGORITHM = CodedConcept("Newcode1", "99IHE", "Processing Algorithm")
 STUDY_GROUP = "Study result"
 IMAGE_LIBRARY = "111028"
 SERIES_DESCRIPTION = "ainode AI result"
@@ -132,7 +126,7 @@ SR_SOP_CLASSES: dict[SRClass, str] = {
     SRClass.ENHANCED: "1.2.840.10008.5.1.4.1.1.88.22",
     SRClass.COMPREHENSIVE_3D: "1.2.840.10008.5.1.4.1.1.88.34",
 }
-_SR_TYPE_BY_UID = {SR_SOP_CLASSES[c]: t for c, t in _SR_TYPES.items()}
+SR_TYPE_BY_UID = {SR_SOP_CLASSES[c]: t for c, t in _SR_TYPES.items()}
 
 # --------------------------------------------------------------------------- build
 
@@ -210,7 +204,7 @@ def build_sr(
         is_final=False,
         is_verified=False,
         previous_versions=[predecessor] if predecessor is not None else None,
-        contributing_equipment=[contributing_equipment(result, now)],
+        contributing_equipment=contributing_equipment(result, device, now),
         series_description=SERIES_DESCRIPTION,
         manufacturer_model_name=device.model_name,
         software_versions=device.software_version,
@@ -218,11 +212,7 @@ def build_sr(
         content_time=now.time(),
         series_date=now.date(),
         series_time=now.time(),
-        coding_schemes=[
-            CodingSchemeIdentificationItem(
-                designator="99IHE", name="IHE provisional codes", responsible_organization="IHE"
-            )
-        ],
+        coding_schemes=[IHE_CODING_SCHEME],
     )
     sr.InstanceCreationDate, sr.InstanceCreationTime = sr.ContentDate, sr.ContentTime
     logger.info(
@@ -318,22 +308,6 @@ def algorithm_parameters(result: Result) -> list[str]:
     ]
 
 
-def contributing_equipment(result: Result, now: _dt.datetime) -> hd.ContributingEquipment:
-    """The model as contributing equipment (IHE AIR): name, version, the purpose and a Device UID from its sha256."""
-    model = result.model
-    item = hd.ContributingEquipment(
-        manufacturer=MANUFACTURER,
-        purpose_of_reference=codes.DCM.ProcessingEquipment,  # replaced below: highdicom allows DCM codes only
-        manufacturer_model_name=model.name[:64],
-        software_versions=model.version[:64],
-        contribution_datetime=now,
-        contribution_description=f"{model.title} ({DEMO_NOTICE})"[:64],
-    )
-    item.PurposeOfReferenceCodeSequence = [PROCESSING_ALGORITHM]
-    item.DeviceUID = model.device_uid
-    return item
-
-
 def _pixel_spacing(result: Result, finding: Finding) -> tuple[float, float]:
     spacing = result.extra.get("pixel_spacing")
     if not spacing:
@@ -393,132 +367,3 @@ def _check_predecessor(predecessor: Dataset, study_uid: str, sop_instance_uid: s
         raise ValueError(f'Argument "predecessor" belongs to study {predecessor.StudyInstanceUID}, not {study_uid}.')
     if str(predecessor.SOPInstanceUID) == str(sop_instance_uid):
         raise ValueError('Argument "predecessor" has the SOP Instance UID of the SR being built.')
-
-
-# --------------------------------------------------------------------------- read back
-
-
-def sr_summary(sr: Dataset | str | os.PathLike[str]) -> dict[str, Any]:
-    """The essentials of one of our SRs (a Dataset or a file), parsed with highdicom.
-
-    Keys: ``study_uid``, ``series_uid``, ``sop_instance_uid``, ``sop_class_uid``,
-    ``instance_number``, ``probability`` (the study's, 0..1 from the percent NUM),
-    ``qualitative`` (``"positive"``/``"negative"``), ``nodule`` (``"present"``/
-    ``"absent"``), ``impression`` (the words), ``key_image_uids``,
-    ``findings`` (per TID 1410 group: ``tracking_id``, ``tracking_uid``,
-    ``probability``, ``qualitative``, ``graphic_type``, ``graphic_data``
-    (list of (column, row)), ``image_uid``), ``algorithm_name``,
-    ``algorithm_version``, ``algorithm_parameters``, ``device_uid`` (the
-    observer), ``equipment_device_uids`` (Contributing Equipment),
-    ``completion_flag``, ``verification_flag``, ``predecessor_uids``
-    (``[(study, series, sop), ...]``), ``image_library_uids``.
-
-    Raises ValueError if it is not one of our TID 1500 reports.
-    """
-    doc = _as_highdicom_sr(sr)
-    report = doc.content
-    if not isinstance(report, MeasurementReport):
-        raise ValueError('Argument "sr" is not a TID 1500 Imaging Measurement Report.')
-    study_groups = report.get_image_measurement_groups()
-    if len(study_groups) != 1:
-        raise ValueError(f'Argument "sr" has {len(study_groups)} study measurement groups; expected 1.')
-    study = study_groups[0]
-    findings = []
-    for group in report.get_planar_roi_measurement_groups():
-        region = group.roi
-        probability = group.get_measurements(name=PROBABILITY_OF_CANCER)
-        findings.append({
-            "tracking_id": group.tracking_identifier,
-            "tracking_uid": str(group.tracking_uid) if group.tracking_uid else None,
-            "probability": float(probability[0].value) / 100.0 if probability else None,
-            "unit": probability[0].unit.value if probability else None,
-            "qualitative": _qualitative(group),
-            "graphic_type": region.graphic_type.value if region is not None else None,
-            "graphic_data": region.value.tolist() if region is not None else None,
-            "image_uid": str(region.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
-            if region is not None and "ReferencedSOPSequence" in region else _selected_from(region),
-        })
-    probabilities = study.get_measurements(name=PROBABILITY_OF_CANCER)
-    if len(probabilities) != 1:
-        raise ValueError(f'Argument "sr" has {len(probabilities)} study probabilities; expected 1.')
-    texts = {
-        name: [item.TextValue for item in find_content_items(study[0], name=code, value_type=ValueTypeValues.TEXT)]
-        for name, code in (
-            ("name", codes.DCM.AlgorithmName),
-            ("version", codes.DCM.AlgorithmVersion),
-            ("parameters", codes.DCM.AlgorithmParameters),
-        )
-    }
-    root = doc.ContentSequence
-    impressions = [i.TextValue for i in find_content_items(doc, name=IMPRESSION, recursive=True)]
-    nodule = [i for i in find_content_items(doc, name=FINDING_NODULE, value_type=ValueTypeValues.CODE, recursive=True)
-              if i.ConceptCodeSequence[0].CodeValue in (PRESENT.value, ABSENT.value)]
-    library = [
-        str(i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
-        for c in root if c.ConceptNameCodeSequence[0].CodeValue == IMAGE_LIBRARY
-        for i in find_content_items(c, value_type=ValueTypeValues.IMAGE, recursive=True)
-    ]
-    devices = [
-        ctx.observer_identifying_attributes
-        for ctx in report.get_observer_contexts(observer_type=codes.DCM.Device)
-        if isinstance(ctx.observer_identifying_attributes, DeviceObserverIdentifyingAttributes)
-    ]
-    return {
-        "study_uid": str(doc.StudyInstanceUID),
-        "series_uid": str(doc.SeriesInstanceUID),
-        "sop_instance_uid": str(doc.SOPInstanceUID),
-        "sop_class_uid": str(doc.SOPClassUID),
-        "instance_number": int(doc.InstanceNumber),
-        "probability": float(probabilities[0].value) / 100.0,
-        "unit": probabilities[0].unit.value,
-        "qualitative": _qualitative(study),
-        "nodule": ("present" if nodule[0].ConceptCodeSequence[0].CodeValue == PRESENT.value else "absent")
-        if nodule else None,
-        "impression": impressions[0] if impressions else None,
-        "key_image_uids": [str(img.referenced_sop_instance_uid) for img in study.source_images],
-        "findings": findings,
-        "algorithm_name": texts["name"][0] if texts["name"] else None,
-        "algorithm_version": texts["version"][0] if texts["version"] else None,
-        "algorithm_parameters": texts["parameters"],
-        "study_tracking_uid": str(study.tracking_uid) if study.tracking_uid else None,
-        "device_uid": str(devices[0].uid) if devices else None,
-        "equipment_device_uids": [str(e.get("DeviceUID", "")) for e in doc.get("ContributingEquipmentSequence", [])],
-        "completion_flag": doc.get("CompletionFlag"),
-        "verification_flag": doc.get("VerificationFlag"),
-        "image_library_uids": library,
-        "predecessor_uids": [
-            (str(s.StudyInstanceUID), str(series.SeriesInstanceUID), str(sop.ReferencedSOPInstanceUID))
-            for s in doc.get("PredecessorDocumentsSequence", [])
-            for series in s.ReferencedSeriesSequence
-            for sop in series.ReferencedSOPSequence
-        ],
-    }
-
-
-def _qualitative(group: Any) -> str | None:
-    evaluations = group.get_qualitative_evaluations(name=MALIGNANCY)
-    if not evaluations:
-        return None
-    value = cast(CodedConcept, evaluations[0].value)  # highdicom annotates it as a number
-    return {POSITIVE.value: "positive", NEGATIVE.value: "negative"}.get(value.value, value.meaning)
-
-
-def _selected_from(region: Any) -> str | None:
-    if region is None:
-        return None
-    for item in region.get("ContentSequence", []):
-        if "ReferencedSOPSequence" in item:
-            return str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
-    return None
-
-
-def _as_highdicom_sr(sr: Dataset | str | os.PathLike[str]) -> Any:
-    """A highdicom SR object for ``sr`` (read with ``srread`` when it is a path)."""
-    if isinstance(sr, (str, os.PathLike)):
-        return hd.sr.srread(sr)
-    if not isinstance(sr, Dataset):
-        raise TypeError('Argument "sr" must be a Dataset or a path.')
-    sr_type = _SR_TYPE_BY_UID.get(str(sr.get("SOPClassUID", "")))
-    if sr_type is None:
-        raise ValueError(f'Argument "sr" has SOP class {sr.get("SOPClassUID")}, not a supported SR class.')
-    return sr_type.from_dataset(sr)
