@@ -314,8 +314,14 @@ def cmd_dest_list(args: argparse.Namespace) -> int:
         return EXIT_OK
     width = max(len(d.name) for d in cfg.destinations)
     for d in cfg.destinations:
-        print(f"{d.name:<{width}}  {d.ae_title}@{d.host}:{d.port}{'  TLS' if d.tls else ''}")
+        print(f"{d.name:<{width}}  {d.ae_title}@{d.host}:{d.port}{'  TLS' if d.tls else ''}  "
+              f"gets {', '.join(_object_words(d))}")
     return EXIT_OK
+
+
+def _object_words(d: Destination) -> list[str]:
+    words = {"sr": f"SR ({d.sr_class})", "sc": "summary image", "ko": "key objects"}
+    return [words[o] for o in d.objects]
 
 
 def cmd_dest_add(args: argparse.Namespace) -> int:
@@ -324,7 +330,11 @@ def cmd_dest_add(args: argparse.Namespace) -> int:
     _check("--host", config.host_problem(args.host))
     port = _int_arg("--port", args.port)
     _check("--port", config.port_problem(port))
-    dest = Destination(args.name, args.ae.strip(), args.host, port, tls=args.tls)
+    objects = tuple(o.strip() for o in args.objects.split(",")) if args.objects else config.RESULT_OBJECTS
+    if not objects or any(o not in config.RESULT_OBJECTS for o in objects) or len(set(objects)) != len(objects):
+        _check("--objects", f"must be a comma-separated list of {', '.join(config.RESULT_OBJECTS)}, "
+                            f"each at most once, got {args.objects!r}")
+    dest = Destination(args.name, args.ae.strip(), args.host, port, tls=args.tls, objects=objects)
 
     def change(doc: TOMLDocument) -> str:
         if any(t.get("name") == dest.name for t in _tables(doc, DESTINATIONS) or []):
@@ -332,6 +342,8 @@ def cmd_dest_add(args: argparse.Namespace) -> int:
         values: dict[str, Any] = {"name": dest.name, "ae_title": dest.ae_title, "host": dest.host, "port": dest.port}
         if dest.tls:
             values["tls"] = True
+        if dest.objects != config.RESULT_OBJECTS:
+            values["objects"] = list(dest.objects)
         _append_table(doc, DESTINATIONS, values)
         return f"added destination {_dest_label(dest)}"
 
@@ -563,6 +575,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", required=True, metavar="H", help="its IP address or host name")
     p.add_argument("--port", required=True, metavar="P", help="its TCP port")
     p.add_argument("--tls", action="store_true", help="send over DICOM TLS (with the [tls] cert, key and CA)")
+    p.add_argument("--objects", metavar="LIST", default="",
+                   help="which result objects it gets: sr,sc,ko (SR, summary image, key objects; default all)")
     p.set_defaults(func=_guarded(cmd_dest_add))
     p = dest_sub.add_parser("remove", help="remove a destination")
     p.add_argument("name", metavar="NAME")

@@ -81,9 +81,15 @@ def test_lung1_to_orthanc_sr_in_same_study(nodes, pacs, lung1_series, test_model
     study = study_of(lung1_series[0])
     srs = wait_until(lambda: pacs.instances_of_study(study, "SR"), 90, "the SR in Orthanc")
     assert len(srs) == 1
-    sr_files = list((node.storage / "results" / study).glob("*.dcm"))
-    assert len(sr_files) == 1
+    made = {pydicom.dcmread(p, stop_before_pixels=True).Modality: p
+            for p in (node.storage / "results" / study).glob("*.dcm")}
+    assert sorted(made) == ["KO", "OT", "SR"]  # the SR, the summary image, the key objects
+    sr_files = [made["SR"]]
     sr = pydicom.dcmread(sr_files[0])
+    # every PACS gets the summary image and the key objects too, in the same study, each in its own series
+    for modality in ("OT", "KO"):
+        (arrived,) = wait_until(lambda: pacs.instances_of_study(study, modality), 30, f"the {modality} in Orthanc")
+        assert arrived["SOPInstanceUID"] == made[modality].stem
     assert sr.StudyInstanceUID == study and sr.Modality == "SR"
     assert srs[0]["SOPInstanceUID"] == sr.SOPInstanceUID
     evidence = {i.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
@@ -94,7 +100,8 @@ def test_lung1_to_orthanc_sr_in_same_study(nodes, pacs, lung1_series, test_model
 
     summary = sr_summary(sr)
     result = outcome(node, study)["result"]
-    assert summary["probability"] == pytest.approx(result["score"], abs=1e-6)
+    assert summary["probability"] == pytest.approx(result["score"], abs=0.01)  # whole percent, 1..99
+    assert summary["qualitative"] == ("positive" if result["score"] >= result["threshold"] else "negative")
     if have("dciodvfy"):
         check = subprocess.run(["dciodvfy", str(sr_files[0])], capture_output=True, text=True)
         assert [l for l in check.stderr.splitlines() if l.startswith("Error")] == []
@@ -115,7 +122,7 @@ def test_pacs_down_then_back_delivers(nodes, lung1_series, test_model, tmp_path)
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dcmtk_env())
     try:
         wait_until(lambda: (send_state(node, study) or {}).get("status") == "sent", 60, "delivery once the PACS is back")
-        assert len(list(tmp_path.iterdir())) == 1
+        assert len(list(tmp_path.iterdir())) == 3  # SR, summary image, key objects
         assert send_state(node, study)["attempts"] >= 2
     finally:
         scp.kill()
@@ -138,7 +145,9 @@ def test_wrong_ae_at_pacs_recorded_then_resend_works(nodes, pacs, lung1_series, 
     node.signal(signal.SIGHUP)
     assert main(["--config", str(node.config), "results", "resend", study]) == 0
     wait_until(lambda: pacs.instances_of_study(study, "SR"), 60, "the resent SR in Orthanc")
-    assert send_state(node, study)["status"] == "sent"
+    # the SR goes first; the state says sent once the summary image and key objects are stored too
+    wait_until(lambda: send_state(node, study)["status"] == "sent", 30, "the resend recorded as sent")
+    assert sorted(send_state(node, study)["objects"]) == ["ko", "sc", "sr-comprehensive"]
 
 
 def test_late_instance_gives_second_sr_naming_the_first(nodes, pacs, lung1_series, test_model):

@@ -40,8 +40,13 @@ def percent(p: float) -> str:
 
 
 def percent_value(p: float) -> int:
-    """A probability in percent, rounded to a whole number (the NUM the SR carries)."""
-    return int(round(100 * float(p)))
+    """A probability in percent, rounded to a whole number (the NUM the SR carries).
+
+    Only 0 and 1 themselves give 0 and 100: a model is never certain, and a
+    viewer showing "100 %" for 0.996 would say it is.
+    """
+    value = int(round(100 * float(p)))
+    return min(max(value, 1), 99) if 0.0 < p < 1.0 else value
 
 
 @dataclass(frozen=True)
