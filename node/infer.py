@@ -122,6 +122,7 @@ class Analysis:
     slices_per_second: float
     peaks: tuple[Peak, ...] = ()  # the most suspicious places, best first, in source pixels (score map only)
     located: bool = False  # the model has a score map: peaks are real; without one there are none
+    locate_seconds: float = 0.0  # of ``seconds``: reading the maps into peaks
 
 
 def _providers_for(device: str, available: list[str]) -> list[str]:
@@ -289,6 +290,7 @@ class Model:
         started = time.perf_counter()
         slice_scores, maps = self.run(volume_hu, batch_size=batch_size)
         peaks: list[Peak] = []
+        inferred = time.perf_counter()
         if maps is not None:
             peaks = locate_peaks(
                 maps, source_shape=(volume_hu.shape[1], volume_hu.shape[2]), size=self.card.size, spacing=spacing,
@@ -306,6 +308,7 @@ class Model:
             slices_per_second=len(slice_scores) / seconds if seconds > 0 else float("inf"),
             peaks=tuple(peaks),
             located=maps is not None,
+            locate_seconds=time.perf_counter() - inferred,
         )
 
 

@@ -145,13 +145,16 @@ def _analyse(ctx: WorkerContext, study_uid: str, revision: int) -> dict[str, Any
     card = model.card
     info = ModelInfo(card.name, card.version, card.sha256, threshold_source, analysis.aggregation, analysis.located)
     result = make_result(study_uid, revision, vol, analysis, info, threshold, ctx.cfg.model.max_findings)
-    inferred = time.monotonic()
     device = ctx.device()
     used = list(vol.sop_instance_uids)
-    objects = {kind: ensure_object(storage, device, study_uid, revision, kind, result, used).name
-               for kind in all_kinds(ctx.cfg.destinations, DEFAULT_SR_CLASS)}
+    objects, object_seconds = {}, {}
+    for kind in all_kinds(ctx.cfg.destinations, DEFAULT_SR_CLASS):
+        t0 = time.monotonic()
+        objects[kind] = ensure_object(storage, device, study_uid, revision, kind, result, used).name
+        object_seconds[kind] = round(time.monotonic() - t0, 3)
     seconds = {"load": round(loaded - started, 3), "infer": round(analysis.seconds, 3),
-               "objects": round(time.monotonic() - inferred, 3), "total": round(time.monotonic() - started, 3)}
+               "locate": round(analysis.locate_seconds, 3), "objects": object_seconds,
+               "total": round(time.monotonic() - started, 3)}
     logger.info(
         "Study %s r%d: probability %.3f (%s at %.2f, %s), %d finding(s)%s, %d slices of series %s, "
         "key images %s, %.1f s on %s",
