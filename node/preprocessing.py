@@ -129,6 +129,10 @@ def map_to_source(coord: float | np.ndarray, map_len: int, source_len: int, size
     return (np.asarray(coord, dtype=np.float64) + 0.5) * resized_extent(source_len, size) / map_len - 0.5
 
 
+#: How far (mm) from its peak a blob may reach: the largest nodule the model is trained on is 30 mm across.
+BLOB_REACH_MM = 30.0
+
+
 @dataclass(frozen=True)
 class Peak:
     """A local maximum of a volume's score map, in source image coordinates."""
@@ -139,12 +143,44 @@ class Peak:
     probability: float  # the map's value at the peak
 
 
-def _refine(left: float, centre: float, right: float) -> float:
-    """Sub-cell offset of a peak from its two neighbours (parabola vertex), within +-0.5."""
-    curvature = left - 2.0 * centre + right
-    if curvature >= 0:
-        return 0.0
-    return float(np.clip(0.5 * (left - right) / curvature, -0.5, 0.5))
+def _blob_centre(
+    maps: np.ndarray, k: int, y: int, x: int, reach: tuple[int, int, int]
+) -> tuple[tuple[float, float, float], tuple[slice, slice, slice], np.ndarray]:
+    """The centre (z, y, x, in cells) of the blob a peak belongs to, and the blob (its box and mask).
+
+    The blob: cells at or above half the peak's value connected (6-neighbour)
+    to the peak, within ``reach`` cells of it on each axis. Its centre is the
+    mean position weighted by the value above that half. This places a peak on
+    the middle of a plateau (a saturated map) rather than on its first cell,
+    and between cells where the map is not saturated.
+    """
+    half = float(maps[k, y, x]) / 2.0
+    lo = [max(0, c - r) for c, r in zip((k, y, x), reach)]
+    hi = [min(n, c + r + 1) for c, r, n in zip((k, y, x), reach, maps.shape)]
+    box = maps[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    inside = box >= half
+    region = np.zeros_like(inside)
+    region[k - lo[0], y - lo[1], x - lo[2]] = True
+    while True:
+        grown = region.copy()
+        grown[1:] |= region[:-1]
+        grown[:-1] |= region[1:]
+        grown[:, 1:] |= region[:, :-1]
+        grown[:, :-1] |= region[:, 1:]
+        grown[:, :, 1:] |= region[:, :, :-1]
+        grown[:, :, :-1] |= region[:, :, 1:]
+        grown &= inside
+        if np.array_equal(grown, region):
+            break
+        region = grown
+    where = (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
+    weights = np.where(region, box - half, 0.0).astype(np.float64)
+    total = float(weights.sum())
+    if total <= 0:  # a peak of 0: nothing above half of it
+        return (float(k), float(y), float(x)), where, region
+    grid = np.indices(box.shape, dtype=np.float64)
+    centre = tuple(float((g * weights).sum() / total) + o for g, o in zip(grid, lo))
+    return centre, where, region  # type: ignore[return-value]
 
 
 def locate_peaks(
@@ -179,9 +215,12 @@ def locate_peaks(
         stronger one is the same finding seen again (on a neighbouring slice,
         or a second maximum of one blob) and is dropped.
 
-    A peak is a cell at least as high as its 26 neighbours (across slices too);
-    its in-plane position is refined to a fraction of a cell from its two
-    neighbours on each axis, then mapped to source pixels.
+    A peak is a cell at least as high as its 26 neighbours (across slices too).
+    Its place is the centre of its blob (:func:`_blob_centre`: the connected
+    cells above half its value, within :data:`BLOB_REACH_MM`), to a fraction of
+    a cell in-plane and to the nearest slice along z, then mapped to source
+    pixels. A peak inside the blob of a stronger one (a plateau, a saturated
+    map) is that one again.
     """
     maps = np.asarray(maps, dtype=np.float32)
     if maps.ndim != 3:
@@ -200,15 +239,20 @@ def locate_peaks(
                     is_peak &= maps >= padded[1 + dz : 1 + dz + z, 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
     zz, yy, xx = np.nonzero(is_peak)
     order = np.argsort(-maps[zz, yy, xx], kind="stable")
-    edge = np.pad(maps, ((0, 0), (1, 1), (1, 1)), mode="edge")
     rows, cols = source_shape
+    cell_mm = (spacing[0], spacing[1] * resized_extent(rows, size) / h, spacing[2] * resized_extent(cols, size) / w)
+    reach = tuple(max(1, int(np.ceil(BLOB_REACH_MM / c))) if c > 0 else 1 for c in cell_mm)
+    consumed = np.zeros(maps.shape, dtype=bool)
     kept: list[Peak] = []
     kept_mm: list[np.ndarray] = []
     for i in order:
         k, y, x = int(zz[i]), int(yy[i]), int(xx[i])
+        if consumed[k, y, x]:
+            continue
         c = float(maps[k, y, x])
-        fy = y + _refine(float(edge[k, y, x + 1]), c, float(edge[k, y + 2, x + 1]))
-        fx = x + _refine(float(edge[k, y + 1, x]), c, float(edge[k, y + 1, x + 2]))
+        (fz, fy, fx), where, blob = _blob_centre(maps, k, y, x, reach)  # type: ignore[arg-type]
+        consumed[where] |= blob
+        k = int(np.clip(round(fz), 0, z - 1))
         row = float(np.clip(map_to_source(fy, h, rows, size), 0, rows - 1))
         col = float(np.clip(map_to_source(fx, w, cols, size), 0, cols - 1))
         mm = np.array([k * spacing[0], row * spacing[1], col * spacing[2]])

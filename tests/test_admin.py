@@ -173,6 +173,19 @@ def test_edits_keep_comments_between_entries(capsys, hand_file):
     assert "# Where results go.\n\n# trailing comment at end of file\n" in hand_file.read_text()
 
 
+def test_dest_add_chooses_the_objects(capsys, cfg_file):
+    assert run(capsys, "--config", str(cfg_file), "dest", "add", "viewer", "--ae", "OHIF", "--host", "10.0.0.7",
+               "--port", "104", "--objects", "sr")[0] == 0
+    assert run(capsys, "--config", str(cfg_file), "dest", "add", "pacs", "--ae", "PACS", "--host", "10.0.0.5",
+               "--port", "104")[0] == 0
+    by_name = {d.name: d for d in config.load(cfg_file).destinations}
+    assert by_name["viewer"].objects == ("sr",) and by_name["pacs"].objects == ("sr", "sc", "ko")
+    assert 'objects = ["sr"]' in cfg_file.read_text() and cfg_file.read_text().count("\nobjects =") == 1
+    rc, out, _ = run(capsys, "--config", str(cfg_file), "dest", "list")
+    assert rc == 0
+    assert "gets SR (comprehensive)\n" in out and "gets SR (comprehensive), summary image, key objects" in out
+
+
 def test_edit_keeps_mode_and_leaves_no_temp_file(capsys, cfg_file):
     os.chmod(cfg_file, 0o640)
     assert run(capsys, "--config", str(cfg_file), "ae", "allow", "CT01")[0] == 0
@@ -195,6 +208,8 @@ def test_edit_keeps_mode_and_leaves_no_temp_file(capsys, cfg_file):
         (["dest", "add", "x", "--ae", "X", "--host", "h", "--port", "abc"], "--port: must be an integer"),
         (["dest", "add", "bad name", "--ae", "X", "--host", "h", "--port", "104"], "name"),
         (["dest", "add", "pacs", "--ae", "X", "--host", "h", "--port", "104"], "'pacs' already exists"),
+        (["dest", "add", "x", "--ae", "X", "--host", "h", "--port", "104", "--objects", "sr,pdf"], "--objects"),
+        (["dest", "add", "x", "--ae", "X", "--host", "h", "--port", "104", "--objects", "sr,sr"], "--objects"),
         (["dest", "remove", "nope"], "no destination 'nope'"),
         (["dest", "echo", "nope"], "no destination 'nope'"),
         (["dest", "echo", "pacs", "--timeout", "soon"], "--timeout"),

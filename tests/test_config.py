@@ -53,6 +53,14 @@ def test_relative_storage_is_made_absolute(tmp_path, monkeypatch):
         ('[redis]\nurl = "localhost:6379"', "[redis] url: must be empty or start with redis://"),
         ('[model]\ndevice = "gpu"', "[model] device: must be one of auto, cpu, cuda"),
         ("[model]\nthreshold = 1.5", "[model] threshold: must be between 0 and 1"),
+        ('[model]\nthreshold = "high"', "[model] threshold: must be a number or empty, got str"),
+        ("[model]\nmax_findings = 0", "[model] max_findings: must be 1..20"),
+        ('[[destinations]]\nname = "p"\nae_title = "P"\nhost = "h"\nport = 104\nobjects = ["sr", "pdf"]',
+         "[[destinations]] #1 objects: must list each of sr, sc, ko"),
+        ('[[destinations]]\nname = "p"\nae_title = "P"\nhost = "h"\nport = 104\nobjects = []',
+         "[[destinations]] #1 objects: must list each of sr, sc, ko"),
+        ('[[destinations]]\nname = "p"\nae_title = "P"\nhost = "h"\nport = 104\nobjects = "sr"',
+         "[[destinations]] #1 objects: must be a list of strings"),
         ('[[callers]]\nhost = "10.0.0.1"', "[[callers]] #1 ae_title: is required"),
         ('[[callers]]\nae_title = "CT01"\nhost = "bad host!"', "[[callers]] #1 host: 'bad host!' is not an IP"),
         ('[[callers]]\nae_title = "CT01"\n[[callers]]\nae_title = "CT01 "', "[[callers]] #2 ae_title: 'CT01 ' is listed twice"),
@@ -69,6 +77,15 @@ def test_invalid_config_names_file_key_and_reason(tmp_path, text, message):
     assert str(err.value).startswith(f"{path}: ")
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_threshold_has_one_owner_and_destinations_get_every_object_by_default():
+    cfg = config.parse({"model": {"threshold": ""}, "destinations": [
+        {"name": "p", "ae_title": "P", "host": "h", "port": 104}]})
+    assert cfg.model.threshold is None  # empty: the model card's
+    assert cfg.destinations[0].objects == ("sr", "sc", "ko")
+    assert config.parse({"model": {"threshold": 0.7}}).model.threshold == 0.7
+    assert config.parse({}).model.threshold is None
 
 
 def test_missing_file_is_one_clear_line(tmp_path):

@@ -230,6 +230,44 @@ def test_blob_slices_score_highest(model: Model, blob_volume: np.ndarray):
     assert analysis.seconds > 0 and analysis.slices_per_second == pytest.approx(40 / analysis.seconds)
 
 
+def test_score_map_locates_the_blob(model: Model, blob_volume: np.ndarray):
+    analysis = model.analyse(blob_volume, spacing=(2.5, 0.7, 0.7), max_peaks=3)
+    assert analysis.located and model.map_name == "score_map"
+    top = analysis.peaks[0]
+    assert top.slice == 21  # the middle slice: its neighbours (context) are bright too
+    assert abs(top.row - 60) <= 2 and abs(top.column - 70) <= 2  # the disc's centre, in source pixels
+    assert top.probability > model.card.threshold
+    assert all(p.probability < model.card.threshold for p in analysis.peaks[1:])  # nothing else reaches it
+    assert [p.probability for p in analysis.peaks] == sorted((p.probability for p in analysis.peaks), reverse=True)
+
+
+def test_peaks_of_one_nodule_are_one_finding(model: Model, blob_volume: np.ndarray):
+    """The disc on three slices, and a second disc 30 mm away: two peaks above the threshold, not four."""
+    volume = blob_volume.copy()
+    yy, xx = np.mgrid[:128, :128]
+    volume[8:11][:, (yy - 20) ** 2 + (xx - 100) ** 2 <= 8**2] = 40
+    peaks = [p for p in model.analyse(volume, spacing=(2.5, 0.7, 0.7), max_peaks=5).peaks
+             if p.probability >= model.card.threshold]
+    assert sorted((p.slice, round(p.row / 10), round(p.column / 10)) for p in peaks) == [(9, 2, 10), (21, 6, 7)]
+
+
+def test_model_without_map_gives_no_coordinates(tmp_path: Path, blob_volume: np.ndarray):
+    path = tmp_path / "nomap.onnx"
+    build_test_model(path, size=64, context=1, with_map=False)
+    plain = Model(path, "cpu")
+    analysis = plain.analyse(blob_volume)
+    assert (plain.map_name, analysis.located, analysis.peaks) == (None, False, ())
+    assert analysis.key_slices[0] == 21
+
+
+def test_card_names_a_map_the_graph_lacks(tmp_path: Path):
+    path = tmp_path / "nomap.onnx"
+    build_test_model(path, with_map=False)
+    rewrite_card(path, map_output_name="heatmap")
+    with pytest.raises(ModelError, match="card names score map 'heatmap', which the graph does not output"):
+        Model(path, "cpu")
+
+
 def test_batching_gives_the_same_scores(model: Model, blob_volume: np.ndarray):
     reference = model.score_slices(blob_volume, batch_size=64)
     for batch_size in (1, 7):

@@ -1,0 +1,80 @@
+"""Reading a score map into located peaks (node.preprocessing.locate_peaks), the code training's FROC uses too."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from node.preprocessing import locate_peaks, map_to_source, prepare_slices, resized_extent
+
+SPACING = (5.0, 0.7, 0.7)
+
+
+def peaks(maps: np.ndarray, **kw):
+    args = dict(source_shape=(512, 512), size=128, spacing=SPACING, min_probability=0.1, max_peaks=5)
+    args.update(kw)
+    return locate_peaks(maps, **args)
+
+
+def gaussian(shape, centre, sigma, height=0.9):
+    z, y, x = np.indices(shape, dtype=np.float64)
+    d2 = ((z - centre[0]) * 2) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2
+    return (height * np.exp(-d2 / (2 * sigma**2))).astype(np.float32)
+
+
+def test_map_coordinates_follow_the_resize_geometry():
+    # a 512-pixel slice at 128: 4 source pixels per model pixel, centres on integers
+    assert map_to_source(0, 128, 512, 128) == pytest.approx(1.5)
+    assert map_to_source(0, 32, 512, 128) == pytest.approx(7.5)  # a stride-4 map: 16 source pixels a cell
+    assert map_to_source(31, 32, 512, 128) == pytest.approx(503.5)
+    # 500 rows at 128: the box average covers 3 x 166 = 498 rows, the last two are dropped
+    assert resized_extent(500, 128) == 498
+    # the same point seen through prepare_slices: a bright pixel block lands where map_to_source says
+    vol = np.full((1, 512, 512), -1000, np.int16)
+    vol[0, 200:204, 300:304] = 400
+    m = prepare_slices(vol, size=128)[0, :, :, 0]
+    y, x = np.unravel_index(np.argmax(m), m.shape)
+    assert (map_to_source(y, 128, 512, 128), map_to_source(x, 128, 512, 128)) == (201.5, 301.5)
+
+
+def test_a_blob_between_cells_is_found_to_a_fraction_of_a_cell():
+    maps = gaussian((9, 32, 32), (4, 10.3, 20.6), sigma=1.2)
+    (p,) = peaks(maps)
+    assert p.slice == 4
+    assert p.row == pytest.approx(map_to_source(10.3, 32, 512, 128), abs=4)  # within a quarter of a 16-px cell
+    assert p.column == pytest.approx(map_to_source(20.6, 32, 512, 128), abs=4)
+    assert p.probability == pytest.approx(float(maps.max()))
+
+
+@pytest.mark.parametrize("cells, size", [(32, 128), (128, 128)])  # a stride-4 map; a full-resolution one
+def test_a_saturated_plateau_is_placed_on_its_middle(cells, size):
+    maps = np.zeros((7, cells, cells), np.float32)
+    width = 3 if cells == 32 else 7  # about 30 mm and 12 mm across
+    maps[2:5, 10:10 + width, 20:20 + width - 2] = 1.0  # equal values over 3 slices
+    (p,) = peaks(maps, size=size)
+    assert p.slice == 3
+    assert p.row == pytest.approx(map_to_source(10 + (width - 1) / 2, cells, 512, size))
+    assert p.column == pytest.approx(map_to_source(20 + (width - 3) / 2, cells, 512, size))
+
+
+def test_one_nodule_on_neighbouring_slices_is_one_peak_and_two_apart_are_two():
+    maps = gaussian((12, 32, 32), (3, 10, 10), 1.0) + gaussian((12, 32, 32), (3.6, 11, 10), 1.0, 0.8)
+    maps += gaussian((12, 32, 32), (8, 25, 25), 1.0, 0.7)  # 30+ mm away
+    found = peaks(maps)
+    assert [p.slice for p in found] == [3, 8]
+    assert found[0].probability > found[1].probability
+
+
+def test_min_probability_and_max_peaks():
+    maps = sum(gaussian((10, 32, 32), (z, 5 + 3 * z, 6), 0.8, h) for z, h in ((1, 0.9), (4, 0.6), (7, 0.3)))
+    assert [round(p.probability, 1) for p in peaks(maps, min_probability=0.5)] == [0.9, 0.6]
+    assert len(peaks(maps, min_probability=0.0, max_peaks=1)) == 1
+    assert peaks(np.zeros((3, 8, 8), np.float32), min_probability=0.5) == []
+    assert peaks(np.zeros((0, 8, 8), np.float32)) == []
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match='"maps"'):
+        peaks(np.zeros((8, 8), np.float32))
+    with pytest.raises(ValueError, match='"max_peaks"'):
+        peaks(np.zeros((2, 8, 8), np.float32), max_peaks=0)
