@@ -67,9 +67,11 @@ class PacsStandIn:
 
 
 def content_tree(ds: Dataset, depth: int = 0) -> list[str]:
-    """The SR's content items as indented lines (concept name = value)."""
+    """The SR's content items as indented lines (concept name = value); images' acquisition context left out."""
     lines = []
     for item in ds.get("ContentSequence", []):
+        if item.get("RelationshipType") == "HAS ACQ CONTEXT":
+            continue
         name = item.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in item else ""
         kind = item.ValueType
         if kind == "CODE":
@@ -81,6 +83,8 @@ def content_tree(ds: Dataset, depth: int = 0) -> list[str]:
             value = str(item.get(_VALUE_KEYWORDS[kind], ""))
         elif kind == "IMAGE":
             value = "image " + item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        elif kind == "SCOORD":
+            value = f"{item.GraphicType} {[round(float(v), 1) for v in item.GraphicData]} (column, row)"
         else:
             value = ""
         lines.append(f"{'  ' * depth}{kind} {name}: {value}".rstrip(": "))
