@@ -151,8 +151,9 @@ def test_sr_summary_reads_back_the_result(sources: list[Dataset], tmp_path: Path
         assert summary["impression"].startswith(f"AI result ({DEMO_NOTICE}): suspicious nodule, probability 87 %")
         assert "threshold 50 %" in summary["impression"]
         assert f"image {sources[4].InstanceNumber}" in summary["impression"]  # images named by Instance Number
-        assert summary["key_image_uids"] == [sources[4].SOPInstanceUID, sources[3].SOPInstanceUID]  # highest first
+        assert summary["key_image_uids"] == [sources[4].SOPInstanceUID]  # the finding's image
         assert summary["image_library_uids"] == [sources[4].SOPInstanceUID]
+        assert summary["study_tracking_uid"] is None  # no group without coordinates: OHIF would draw nothing
         (finding,) = summary["findings"]
         assert finding["graphic_type"] == "POINT"
         assert finding["graphic_data"] == [[32.5, 32.0]]  # (column, row) with the image's top-left corner at 0.0
@@ -168,6 +169,18 @@ def test_sr_summary_reads_back_the_result(sources: list[Dataset], tmp_path: Path
         assert summary["study_uid"] == sources[0].StudyInstanceUID
         assert summary["sop_class_uid"] == SR_SOP_CLASS[sr_class]
         assert summary["predecessor_uids"] == []
+
+
+def test_only_located_groups_beside_findings(sources: list[Dataset]) -> None:
+    """OHIF v3 draws nothing when any measurement group lacks a SCOORD (tests/test_viewer.py shows it)."""
+    sr = build(sources, res=result(sources, score=0.9, findings=2))
+    (measurements,) = [c for c in sr.ContentSequence if c.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    for group in measurements.ContentSequence:
+        assert any(item.ValueType == "SCOORD" for item in group.ContentSequence)
+    negative = build(sources, res=result(sources, score=0.1))
+    (measurements,) = [c for c in negative.ContentSequence if c.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    (group,) = measurements.ContentSequence  # TID 1500 needs one group: the study's
+    assert not any(item.ValueType == "SCOORD" for item in group.ContentSequence)
 
 
 def test_a_new_model_is_a_new_device(sources: list[Dataset]) -> None:
@@ -282,8 +295,9 @@ def test_predecessor_is_referenced(sources: list[Dataset], tmp_path: Path) -> No
     assert (sop.ReferencedSOPClassUID, sop.ReferencedSOPInstanceUID) == (prior.SOPClassUID, prior.SOPInstanceUID)
     summary = sr_summary(path)
     assert summary["predecessor_uids"] == [(prior.StudyInstanceUID, prior.SeriesInstanceUID, prior.SOPInstanceUID)]
-    assert summary["study_tracking_uid"] == sr_summary(prior)["study_tracking_uid"]  # the study result, tracked
     assert summary["findings"][0]["tracking_uid"] != sr_summary(prior)["findings"][0]["tracking_uid"]
+    negative = [sr_summary(build(sources, res=result(sources, score=0.1, revision=r))) for r in (1, 2)]
+    assert negative[0]["study_tracking_uid"] == negative[1]["study_tracking_uid"]  # the study result, tracked
 
 
 def test_sources_of_two_studies_are_refused(sources: list[Dataset]) -> None:

@@ -17,7 +17,7 @@ series for every revision, Instance Number = revision), following DICOM TID
             SELECTED FROM the IMAGE the finding is on
           NUM (111047, DCM, "Probability of cancer") in % (UCUM "%"), a whole number
           CODE (RID36042, RADLEX, "Malignancy") = Positive | Negative at the threshold
-        the study group (TID 1501), always
+        or, when there is no located finding, the study group (TID 1501)
           tracking identifier "Study result" + UID; finding nodule, site lung, algorithm
           NUM study probability of cancer in %; CODE malignancy at the threshold
           IMAGE (121112, DCM, "Source of Measurement") per key image
@@ -31,6 +31,13 @@ last container, not of the document. A negative study has only the study
 group: it says "Absent" in a coded item and "no nodule reached the threshold"
 in words, and carries no coordinates. A model without a score map gives the
 study group only, never invented coordinates.
+
+Why no study group beside located findings: OHIF v3 (3.13) reads the groups
+last to first and stops at the first one without a SCOORD, so one such group
+makes it draw nothing at all; and it opens the viewport on the first group's
+image. So a report with findings holds only their TID 1410 groups, the most
+suspicious first (tests/test_viewer.py shows both in a real browser). The
+study result is then in the words and the coded presence.
 
 Header: Patient and General Study modules copied from the sources (with their
 Specific Character Set), COMPLETE, UNVERIFIED, every source instance in the
@@ -176,7 +183,8 @@ def build_sr(
         name=result.model.name, version=result.model.version, parameters=algorithm_parameters(result)
     )
     groups: list[Any] = [_finding_group(result, f, algorithm) for f in result.findings]
-    groups.append(_study_group(result, algorithm))
+    if not groups:
+        groups.append(_study_group(result, algorithm))
     model = result.model
     observer = ObserverContext(
         observer_type=codes.DCM.Device,

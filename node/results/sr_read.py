@@ -34,9 +34,11 @@ def sr_summary(sr: Dataset | str | os.PathLike[str]) -> dict[str, Any]:
     """The essentials of one of our SRs (a Dataset or a file), parsed with highdicom.
 
     Keys: ``study_uid``, ``series_uid``, ``sop_instance_uid``, ``sop_class_uid``,
-    ``instance_number``, ``probability`` (the study's, 0..1 from the percent NUM),
-    ``qualitative`` (``"positive"``/``"negative"``), ``nodule`` (``"present"``/
-    ``"absent"``), ``impression`` (the words), ``key_image_uids``,
+    ``instance_number``, ``probability`` (0..1 from the percent NUM: the study
+    group's, or with located findings the first finding's), ``qualitative``
+    (``"positive"``/``"negative"``, of that group), ``nodule`` (``"present"``/
+    ``"absent"``), ``impression`` (the words), ``key_image_uids`` (the study group's,
+    or the findings' images), ``study_tracking_uid`` (None with findings),
     ``findings`` (per TID 1410 group: ``tracking_id``, ``tracking_uid``,
     ``probability``, ``qualitative``, ``graphic_type``, ``graphic_data``
     (list of (column, row)), ``image_uid``), ``algorithm_name``,
@@ -52,9 +54,9 @@ def sr_summary(sr: Dataset | str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(report, MeasurementReport):
         raise ValueError('Argument "sr" is not a TID 1500 Imaging Measurement Report.')
     study_groups = report.get_image_measurement_groups()
-    if len(study_groups) != 1:
-        raise ValueError(f'Argument "sr" has {len(study_groups)} study measurement groups; expected 1.')
-    study = study_groups[0]
+    if len(study_groups) > 1:
+        raise ValueError(f'Argument "sr" has {len(study_groups)} study measurement groups; expected at most 1.')
+    study = study_groups[0] if study_groups else None
     findings = []
     for group in report.get_planar_roi_measurement_groups():
         region = group.roi
@@ -70,11 +72,14 @@ def sr_summary(sr: Dataset | str | os.PathLike[str]) -> dict[str, Any]:
             "image_uid": str(region.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
             if region is not None and "ReferencedSOPSequence" in region else _selected_from(region),
         })
-    probabilities = study.get_measurements(name=PROBABILITY_OF_CANCER)
+    if study is None and not findings:
+        raise ValueError('Argument "sr" has neither a study group nor a located finding.')
+    first = study if study is not None else report.get_planar_roi_measurement_groups()[0]
+    probabilities = first.get_measurements(name=PROBABILITY_OF_CANCER)
     if len(probabilities) != 1:
-        raise ValueError(f'Argument "sr" has {len(probabilities)} study probabilities; expected 1.')
+        raise ValueError(f'Argument "sr" has {len(probabilities)} probabilities in its first group; expected 1.')
     texts = {
-        name: [item.TextValue for item in find_content_items(study[0], name=code, value_type=ValueTypeValues.TEXT)]
+        name: [item.TextValue for item in find_content_items(first[0], name=code, value_type=ValueTypeValues.TEXT)]
         for name, code in (
             ("name", codes.DCM.AlgorithmName),
             ("version", codes.DCM.AlgorithmVersion),
@@ -103,16 +108,17 @@ def sr_summary(sr: Dataset | str | os.PathLike[str]) -> dict[str, Any]:
         "instance_number": int(doc.InstanceNumber),
         "probability": float(probabilities[0].value) / 100.0,
         "unit": probabilities[0].unit.value,
-        "qualitative": _qualitative(study),
+        "qualitative": _qualitative(first),
         "nodule": ("present" if nodule[0].ConceptCodeSequence[0].CodeValue == PRESENT.value else "absent")
         if nodule else None,
         "impression": impressions[0] if impressions else None,
-        "key_image_uids": [str(img.referenced_sop_instance_uid) for img in study.source_images],
+        "key_image_uids": [str(img.referenced_sop_instance_uid) for img in study.source_images]
+        if study is not None else list(dict.fromkeys(f["image_uid"] for f in findings)),
         "findings": findings,
         "algorithm_name": texts["name"][0] if texts["name"] else None,
         "algorithm_version": texts["version"][0] if texts["version"] else None,
         "algorithm_parameters": texts["parameters"],
-        "study_tracking_uid": str(study.tracking_uid) if study.tracking_uid else None,
+        "study_tracking_uid": str(study.tracking_uid) if study is not None and study.tracking_uid else None,
         "device_uid": str(devices[0].uid) if devices else None,
         "equipment_device_uids": [str(e.get("DeviceUID", "")) for e in doc.get("ContributingEquipmentSequence", [])],
         "completion_flag": doc.get("CompletionFlag"),
