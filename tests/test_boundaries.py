@@ -51,3 +51,17 @@ def test_training_imports_only_preprocessing_from_node():
         from_node = {m for m in imports_of(path) if m == "node" or m.startswith("node.")}
         bad = {m for m in from_node if not m.startswith("node.preprocessing")}
         assert not bad, f"{path.relative_to(REPO)} imports {sorted(bad)} from node"
+
+
+def test_data_moves_forward_only():
+    """worker -> results -> send: the sender and the result objects never import the analysis worker,
+    and the result objects never import the sender (the old send <-> worker import cycle stays gone)."""
+    later = {
+        "node/send.py": {"node.worker"},
+        **{str(p.relative_to(REPO)): {"node.worker", "node.send", "node.infer"}
+           for p in (REPO / "node" / "results").glob("*.py")},
+    }
+    for rel, banned in later.items():
+        bad = {m for m in imports_of(REPO / rel) if any(m == b or m.startswith(b + ".") for b in banned)}
+        assert not bad, f"{rel} imports {sorted(bad)}"
+    assert "node.send.enqueue_send" in imports_of(REPO / "node" / "worker.py")
