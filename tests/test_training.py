@@ -15,13 +15,18 @@ from training.data import (
     BENIGN,
     IGNORE,
     MALIGNANT,
+    CaseGeometry,
     Case,
     DicomFolderSource,
+    Nodule,
+    Volume,
     build_slices,
+    nodule_target,
     split_cases,
 )
 from training.errors import ConfigError, DataError
 from training.lidc import lidc_label, lidc_study_label
+from training.detection import FP_RATES, Scored, froc, match
 from training.metrics import aggregate, binary_metrics, roc_auc, youden_threshold
 from training.synthetic import NoduleTraits, SyntheticSource, is_malignant
 
@@ -36,7 +41,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.mark.timeout(240)
 def test_tiny_run_goes_from_data_to_a_scoring_onnx_session(tmp_path, lung1_image_path, lung1, capsys):
-    """data -> train -> metrics.json + PNGs -> ONNX -> parity -> card -> onnxruntime scores a real volume."""
+    """data -> train -> metrics.json + PNGs -> ONNX (slice score + score map) -> parity -> card -> onnxruntime."""
     pytest.importorskip("tensorflow")
     import onnxruntime as ort
 
@@ -54,6 +59,13 @@ def test_tiny_run_goes_from_data_to_a_scoring_onnx_session(tmp_path, lung1_image
         for key in ("accuracy", "precision", "recall", "f1", "roc_auc", "confusion_matrix", "brier"):
             assert key in metrics[level], (level, key)
     assert metrics["parity"]["max_abs_diff"] <= 1e-5
+    assert set(metrics["parity"]["max_abs_diff_per_output"]) == {"p_malignant", "score_map"}
+    assert all(v <= 1e-5 for v in metrics["parity"]["max_abs_diff_per_output"].values())
+    detection = metrics["detection"]
+    assert set(detection["sensitivity_at_fp_per_scan"]) == {"1/8", "1/4", "1/2", "1", "2", "4", "8"}
+    assert 0.0 <= detection["cpm"] <= 1.0
+    assert detection["cpm"] == pytest.approx(np.mean(list(detection["sensitivity_at_fp_per_scan"].values())))
+    assert {"n", "median", "mean"} <= set(detection["localisation_error_mm"])
     assert len(json.loads((out / "history.json").read_text())) == 2  # one record per epoch
     for png in ("roc.png", "confusion.png"):
         assert (out / png).read_bytes()[:8] == PNG_MAGIC
@@ -63,17 +75,27 @@ def test_tiny_run_goes_from_data_to_a_scoring_onnx_session(tmp_path, lung1_image
     assert card.input_shape == [None, 32, 32, 3] and card.aggregation == "top3_mean"
     assert 0.0 <= card.threshold <= 1.0 and "Youden" in card.threshold_method
     assert "semi-synthetic, demo only, not for clinical use" in card.intended_use
-    assert card.evaluation["lung1"]["nodule_label_used_in_training"] is False
+    assert "demo model, not for clinical use" in card.intended_use
+    e = card.evaluation["lung1"]
+    assert e["nodule_label_used_in_training"] is False
+    assert set(e["end_slice_scores"]) == {"0", "47"} and "inside_label" in e["top_finding"]
+    assert card.metrics["froc_cpm"] == pytest.approx(detection["cpm"])
+    assert card.metrics["froc_sensitivity_at_fp_per_scan"] == detection["sensitivity_at_fp_per_scan"]
+    assert card.metrics["localisation_error_mm"]["n"] == detection["localisation_error_mm"]["n"]
 
     volume = lung1[0]
     x = prepare_slices(volume, size=card.size, context=card.context, hu_window=tuple(card.window))
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].name == card.input_name
     assert not isinstance(session.get_inputs()[0].shape[0], int)  # dynamic batch
-    (scores,) = session.run([card.output_name], {card.input_name: x})
+    names = [o.name for o in session.get_outputs()]
+    assert names == [card.output_name, card.map_output_name] == ["p_malignant", "score_map"]
+    scores, maps = session.run(None, {card.input_name: x})
     assert scores.shape == (volume.shape[0], 1)
-    assert np.all((scores >= 0) & (scores <= 1))
-    assert card.evaluation["lung1"]["top_slice"] == int(np.argmax(scores[:, 0]))
+    assert maps.shape == (volume.shape[0], card.size // 4, card.size // 4, 1) and maps.dtype == np.float32
+    assert np.all((scores >= 0) & (scores <= 1)) and np.all((maps >= 0) & (maps <= 1))
+    assert np.allclose(scores[:, 0], maps.reshape(len(maps), -1).max(axis=1), atol=1e-6)  # slice score = map max
+    assert e["top_slice"] == int(np.argmax(scores[:, 0]))
 
 
 # --------------------------------------------------------------------------- semi-synthetic set
@@ -203,6 +225,41 @@ def test_lidc_annotation_database_gives_labelled_nodules(tmp_path):
         LidcSource(tmp_path / "lidc").cases()
 
 
+# --------------------------------------------------------------------------- score-map target and detection metrics
+
+
+def test_map_target_marks_malignant_nodules_only():
+    hu = np.zeros((3, 64, 64), dtype=np.int16)
+    vol = Volume(Case("c", "p", MALIGNANT), hu, (5.0, 1.0, 1.0), np.array([0, 1, 0], dtype=np.int8),
+                 nodules=[Nodule(1.0, 20.0, 40.0, 16.0, MALIGNANT), Nodule(1.0, 50.0, 10.0, 16.0, BENIGN)])
+    t = nodule_target(vol, [0, 1, 2], 32)  # 2 source pixels per input pixel
+    assert t.shape == (3, 32, 32, 1)
+    assert np.unravel_index(np.argmax(t[1, ..., 0]), (32, 32)) in {(9, 19), (10, 20), (9, 20), (10, 19)}
+    assert t[1].max() > 0.9 and t[1, 25, 5, 0] == 0.0  # benign nodule: 0
+    assert 0 < t[0].max() < t[1].max() and (t[0] > 0).sum() < (t[1] > 0).sum()  # 5 mm off centre: smaller disc
+
+
+def test_froc_counts_each_nodule_once_and_benign_hits_as_false_positives():
+    geom = CaseGeometry((100, 100), (5.0, 1.0, 1.0),
+                        (Nodule(2.0, 50.0, 50.0, 10.0, MALIGNANT), Nodule(2.0, 10.0, 10.0, 10.0, BENIGN)))
+    from node.preprocessing import Peak
+
+    # best first: a false positive, the nodule (1 mm off), the nodule again, a benign nodule
+    peaks = [Peak(0, 90.0, 90.0, 0.95), Peak(2, 51.0, 50.0, 0.9), Peak(2, 53.0, 50.0, 0.8), Peak(2, 10.0, 11.0, 0.7)]
+    scored = match(peaks, geom)
+    assert [c.nodule for c in scored] == [-1, 0, 0, -1] and [c.benign for c in scored] == [False, False, False, True]
+    assert scored[1].error_mm == pytest.approx(1.0)
+    empty: list[Scored] = []
+    strict = froc([scored, empty], 1)  # two scans, one malignant nodule
+    at = strict["sensitivity_at_fp_per_scan"]
+    assert at["1/8"] == at["1/4"] == 0.0  # the nodule only comes after one FP (0.5 per scan)
+    assert at["1/2"] == at["1"] == at["8"] == 1.0 and strict["cpm"] == pytest.approx(5 / 7)
+    assert strict["false_positives_total"] == 2  # the second hit on the nodule is not a false positive
+    assert strict["localisation_error_mm"] == {"n": 1, "median": pytest.approx(1.0), "mean": pytest.approx(1.0)}
+    loose = froc([scored, empty], 1, benign_hits="ignore")
+    assert loose["false_positives_total"] == 1 and len(FP_RATES) == 7
+
+
 # --------------------------------------------------------------------------- metrics and config
 
 
@@ -246,8 +303,25 @@ def test_bundled_model_has_a_truthful_card_and_runs(lung1):
     assert card.aggregation in ("top3_mean", "max") and card.evaluation.get("lung1")
     session = ort.InferenceSession(str(BUNDLED), providers=["CPUExecutionProvider"])
     x = np.zeros((2, card.size, card.size, 2 * card.context + 1), dtype=np.float32)
-    (p,) = session.run([card.output_name], {card.input_name: x})
-    assert p.shape == (2, 1)
+    assert [o.name for o in session.get_outputs()] == [card.output_name, card.map_output_name]
+    p, maps = session.run(None, {card.input_name: x})
+    assert p.shape == (2, 1) and maps.shape[0] == 2 and maps.shape[-1] == 1 and maps.shape[1] >= card.size // 8
+    assert np.allclose(p[:, 0], maps.reshape(2, -1).max(axis=1), atol=1e-6)
+    for key in ("froc_cpm", "froc_sensitivity_at_fp_per_scan", "localisation_error_mm"):
+        assert key in card.metrics, key
+    assert "demo model, not for clinical use" in card.intended_use
+
+    # the card's lung1 top finding is what locate_peaks makes of the model's maps, as in the node
+    from node.preprocessing import locate_peaks
+
+    volume, spacing = lung1[0], lung1[1]
+    x = prepare_slices(volume, size=card.size, context=card.context, hu_window=tuple(card.window))
+    scores, maps = session.run(None, {card.input_name: x})
+    top = locate_peaks(maps[..., 0], source_shape=volume.shape[1:], size=card.size, spacing=tuple(spacing),
+                       min_probability=0.0, max_peaks=1)[0]
+    f = card.evaluation["lung1"]["top_finding"]
+    assert (top.slice, round(top.row, 1), round(top.column, 1)) == (f["slice"], f["row"], f["column"])
+    assert card.evaluation["lung1"]["slice_scores"] == [round(float(v), 4) for v in scores[:, 0]]
 
     # the worker's own path gives what the card's real-anatomy evaluation says
     from node.infer import Model

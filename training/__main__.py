@@ -64,10 +64,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"done in {result.seconds:.0f} s; test studies: AUC {study['roc_auc']:.3f}, accuracy {study['accuracy']:.3f}, "
           f"F1 {study['f1']:.3f} at threshold {result.metrics['threshold']:.3f}; "
           f"ONNX vs TF max |diff| {result.metrics['parity']['max_abs_diff']:.2g}")
+    if "detection" in result.metrics:
+        d = result.metrics["detection"]
+        print(f"test detection: FROC {d['sensitivity_at_fp_per_scan']} CPM {d['cpm']:.3f}; localisation error "
+              f"median {d['localisation_error_mm']['median']:.1f} mm")
     if "lung1" in result.evaluation:
         e = result.evaluation["lung1"]
         print(f"lung1: top slice {e['top_slice']} ({'inside' if e['top_slice_in_nodule'] else 'outside'} "
-              f"nodule slices {e['nodule_slices']}), study score {e['study_score']:.3f}")
+              f"nodule slices {e['nodule_slices']}), study score {e['study_score']:.3f}, end slices "
+              f"{e['end_slice_scores']}")
+        f = e.get("top_finding")
+        if f and f.get("found"):
+            print(f"lung1 top finding: slice {f['slice']} row {f['row']} column {f['column']} p {f['probability']:.3f}"
+                  + (f", inside the label: {f['inside_label']}, {f['distance_to_label_centroid_mm']} mm from its "
+                     "centroid" if "inside_label" in f else ""))
     print(f"artefacts in {result.out_dir}:")
     for path in (result.onnx_path, result.card_path, result.metrics_path, *result.plots):
         print(f"  {path}")

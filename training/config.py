@@ -56,6 +56,7 @@ class ModelConfig:
     arch: str = "default"
     size: int = 128
     context: int = 1
+    map_stride: int = 4  # input pixels per score-map cell (default arch): 4, 8 or 16
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,10 @@ class TrainConfig:
     patch: int = 0  # first train on patches of this many pixels (default arch); 0 = whole slices only
     patch_epochs: int = 0  # epochs on patches before ``epochs`` on whole slices
     jitter: int = 8  # random shift of patches (and of whole slices when augmenting), pixels
+    map_loss_weight: float = 1.0  # weight of the score-map loss beside the slice loss (default arch)
+    volume_end_p: float = 0.25  # share of training samples shown with the context clipped as at a volume's end
+    map_loss: str = "focal"  # focal (CenterNet, per nodule centre) | bce (per cell, weighted by map_pos_weight)
+    map_pos_weight: float = 20.0  # bce: weight of a map cell with target 1 (linear in the target), negatives 1
 
 
 @dataclass(frozen=True)
@@ -151,6 +156,18 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"export.aggregation: must be one of {', '.join(AGGREGATIONS)}")
     if not 8 <= cfg.model.size <= 512:
         raise ConfigError(f"model.size: must be 8..512, got {cfg.model.size}")
+    if cfg.model.map_stride not in (4, 8, 16):
+        raise ConfigError(f"model.map_stride: must be 4, 8 or 16, got {cfg.model.map_stride}")
+    if cfg.model.arch == "default" and cfg.model.size % 16:
+        raise ConfigError(f"model.size: the default architecture needs a multiple of 16, got {cfg.model.size}")
+    if cfg.train.patch and cfg.train.patch % 16:
+        raise ConfigError(f"train.patch: must be a multiple of 16, got {cfg.train.patch}")
+    if not 0.0 <= cfg.train.volume_end_p <= 1.0:
+        raise ConfigError(f"train.volume_end_p: must be 0..1, got {cfg.train.volume_end_p}")
+    if cfg.train.map_loss not in ("focal", "bce"):
+        raise ConfigError(f"train.map_loss: must be focal or bce, got {cfg.train.map_loss!r}")
+    if cfg.train.map_loss_weight < 0 or cfg.train.map_pos_weight < 1:
+        raise ConfigError("train.map_loss_weight must be >= 0 and train.map_pos_weight >= 1")
     if cfg.model.context < 0:
         raise ConfigError(f"model.context: must be 0 or more, got {cfg.model.context}")
     if cfg.model.arch == "seed" and cfg.model.size < 22:

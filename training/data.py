@@ -26,7 +26,7 @@ from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
-from node.preprocessing import LUNG_WINDOW, prepare_slices
+from node.preprocessing import LUNG_WINDOW, prepare_slices, resized_extent
 from training.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,20 @@ class Finding:
     label: int
 
 
+@dataclass(frozen=True)
+class Nodule:
+    """One nodule of a volume: centre (voxel coordinates, z fractional), diameter and label.
+
+    The targets of the score map and of the detection metrics (FROC, localisation error).
+    """
+
+    z: float
+    y: float
+    x: float
+    diameter_mm: float
+    label: int
+
+
 @dataclass
 class Volume:
     """A loaded study: HU voxels, per-slice labels and, where the source knows them, nodule positions."""
@@ -64,6 +78,7 @@ class Volume:
     spacing: tuple[float, float, float]  # (z, y, x) mm
     slice_labels: np.ndarray  # int8 (z,): 1, 0 or -1 (ignore)
     findings: list[Finding] = field(default_factory=list)
+    nodules: list[Nodule] = field(default_factory=list)
 
 
 class Source(Protocol):
@@ -144,17 +159,67 @@ class CachedSource:
         self._cache.clear()
 
 
+@dataclass(frozen=True)
+class CaseGeometry:
+    """What the detection metrics need of a case: source slice shape, spacing and its nodules."""
+
+    shape: tuple[int, int]  # (rows, columns) of the source slices
+    spacing: tuple[float, float, float]  # (z, row, column) mm
+    nodules: tuple[Nodule, ...]
+
+
 @dataclass
 class SliceSet:
-    """Model inputs of one split: x (n, size, size, c), y (n,), and which case each slice came from."""
+    """Model inputs of one split: x (n, size, size, c), y (n,), and which case each slice came from.
+
+    ``target`` (n, size, size, 1), when the source knows nodule positions: the
+    score map's target at input resolution (:func:`nodule_target`), pooled to
+    the map's cells by the training loss. ``slice_index``: each row's slice in
+    its volume; ``geometry``: per case, for the detection metrics.
+    """
 
     x: np.ndarray
     y: np.ndarray
     case_index: np.ndarray  # (n,) index into ``cases``
     cases: list[Case]
+    target: np.ndarray | None = None
+    slice_index: np.ndarray | None = None
+    geometry: list[CaseGeometry] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
+
+
+def nodule_target(vol: Volume, indices: Sequence[int], size: int) -> np.ndarray:
+    """The score map's target for slices ``indices`` of ``vol`` at model input resolution, (n, size, size, 1).
+
+    Inside each malignant nodule's cross-section with a slice (a disc of radius
+    sqrt(r^2 - dz^2), at least one input pixel), a Gaussian bump centred on
+    the nodule (sigma half that radius, at least one pixel), 1 at the centre;
+    0 elsewhere: benign nodules are hard negatives. The loss max-pools it to
+    the map's cells, so the cell holding the centre aims at 1.
+    """
+    rows, cols = vol.hu.shape[1:]
+    fy, fx = size / resized_extent(rows, size), size / resized_extent(cols, size)
+    out = np.zeros((len(indices), size, size, 1), dtype=np.float32)
+    malignant = [n for n in vol.nodules if n.label == MALIGNANT]
+    if not malignant:
+        return out
+    grid = np.arange(size, dtype=np.float32)
+    dz_mm, dy_mm = vol.spacing[0], vol.spacing[1]
+    for row, k in enumerate(indices):
+        for n in malignant:
+            r = n.diameter_mm / 2
+            dz = (k - n.z) * dz_mm
+            if abs(dz) > r:
+                continue
+            radius = max(np.sqrt(r * r - dz * dz) / dy_mm * fy, 1.0)  # input pixels
+            sigma = max(radius / 2, 1.0)
+            cy, cx = (n.y + 0.5) * fy - 0.5, (n.x + 0.5) * fx - 0.5
+            d2 = (grid[:, None] - cy) ** 2 + (grid[None, :] - cx) ** 2
+            bump = np.where(d2 <= radius * radius, np.exp(-d2 / (2 * sigma * sigma)), 0.0)
+            np.maximum(out[row, :, :, 0], bump, out=out[row, :, :, 0])
+    return out
 
 
 def build_slices(
@@ -174,9 +239,10 @@ def build_slices(
     ``max_negative_slices`` > 0 keeps at most that many label-0 slices per volume.
     """
     rng = np.random.default_rng([seed, 11])
-    xs, ys, idx = [], [], []
+    xs, ys, idx, ts, ks, geometry = [], [], [], [], [], []
     for i, case in enumerate(cases):
         vol = source.load(case)
+        geometry.append(CaseGeometry(vol.hu.shape[1:], tuple(vol.spacing), tuple(vol.nodules)))
         labels = vol.slice_labels
         keep = np.arange(labels.size) if keep_ignored else np.flatnonzero(labels != IGNORE)
         if max_negative_slices > 0:
@@ -189,9 +255,12 @@ def build_slices(
         xs.append(prepare_slices(vol.hu, keep, size=size, context=context, hu_window=hu_window))
         ys.append(labels[keep].astype(np.float32))
         idx.append(np.full(keep.size, i, dtype=np.int32))
+        ks.append(keep.astype(np.int32))
+        ts.append(nodule_target(vol, keep, size))
     if not xs:
         raise DataError(f"no slices in {len(cases)} cases")
-    return SliceSet(np.concatenate(xs), np.concatenate(ys), np.concatenate(idx), list(cases))
+    return SliceSet(np.concatenate(xs), np.concatenate(ys), np.concatenate(idx), list(cases),
+                    target=np.concatenate(ts), slice_index=np.concatenate(ks), geometry=geometry)
 
 
 def build_patches(
@@ -219,15 +288,18 @@ def build_patches(
     n_tiles = -(-size // patch)
     grid = [patch / 2 + j * (size - patch) / max(n_tiles - 1, 1) for j in range(n_tiles)]
     tiles = [(cy, cx) for cy in grid for cx in grid]
-    xs, ys, idx = [], [], []
+    xs, ys, idx, ts = [], [], [], []
     for i, case in enumerate(cases):
         vol = source.load(case)
         labels = vol.slice_labels
         if (labels == MALIGNANT).any() and not any(f.label == MALIGNANT for f in vol.findings):
             raise DataError(f"case {case.case_id}: patch training needs nodule positions, which this source lacks")
         slices = prepare_slices(vol.hu, size=size, context=context, hu_window=hu_window)
-        padded = np.pad(slices, ((0, 0), (half, half), (half, half), (0, 0)), mode="reflect")
-        sy, sx = size / vol.hu.shape[1], size / vol.hu.shape[2]
+        both = np.concatenate([slices, nodule_target(vol, range(labels.size), size)], axis=-1)
+        padded = np.pad(both, ((0, 0), (half, half), (half, half), (0, 0)), mode="reflect")
+        channels = slices.shape[-1]
+        sy = size / resized_extent(vol.hu.shape[1], size)
+        sx = size / resized_extent(vol.hu.shape[2], size)
         for k, label in enumerate(labels):
             if label == IGNORE:
                 continue
@@ -236,12 +308,15 @@ def build_patches(
             centres = here + tiles if label == BENIGN else here
             for cy, cx in centres:
                 y0, x0 = int(round(cy)), int(round(cx))  # padded coordinates: centre + half - half
-                xs.append(padded[k, y0 : y0 + full, x0 : x0 + full])
+                cut = padded[k, y0 : y0 + full, x0 : x0 + full]
+                xs.append(cut[..., :channels])
+                ts.append(cut[..., channels:])
                 ys.append(float(label))
                 idx.append(i)
     if not xs:
         raise DataError(f"no patches in {len(cases)} cases")
-    return SliceSet(np.stack(xs), np.asarray(ys, dtype=np.float32), np.asarray(idx, dtype=np.int32), list(cases))
+    return SliceSet(np.stack(xs), np.asarray(ys, dtype=np.float32), np.asarray(idx, dtype=np.int32), list(cases),
+                    target=np.stack(ts))
 
 
 # --------------------------------------------------------------------------- lung1 (NRRD)

@@ -13,9 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from node.preprocessing import LUNG_WINDOW, prepare_slices
+from node.preprocessing import LUNG_WINDOW, locate_peaks, prepare_slices
 from training.data import read_nrrd_hu
-from training.export import onnx_predict, onnx_session
+from training.detection import MIN_DISTANCE_MM
+from training.export import onnx_outputs, onnx_session
 from training.metrics import aggregate
 
 logger = logging.getLogger(__name__)
@@ -24,21 +25,63 @@ logger = logging.getLogger(__name__)
 LUNG1_NODULE_SLICES = (32, 33, 34)
 
 
-def lung1_nodule_slices(image_path: Path) -> list[int]:
-    """Slices with nodule voxels in ``lung1_label.nrrd`` beside the image, else :data:`LUNG1_NODULE_SLICES`."""
+def lung1_label(image_path: Path) -> np.ndarray | None:
+    """``lung1_label.nrrd`` beside the image as a bool mask (z, y, x), or None when it is not there."""
     label = image_path.with_name("lung1_label.nrrd")
     if not label.is_file():
-        return list(LUNG1_NODULE_SLICES)
+        return None
     mask, _ = read_nrrd_hu(label)
+    return mask > 0
+
+
+def lung1_nodule_slices(image_path: Path) -> list[int]:
+    """Slices with nodule voxels in ``lung1_label.nrrd`` beside the image, else :data:`LUNG1_NODULE_SLICES`."""
+    mask = lung1_label(image_path)
+    if mask is None:
+        return list(LUNG1_NODULE_SLICES)
     return [int(k) for k in np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))]
+
+
+def top_finding(maps: np.ndarray, mask: np.ndarray | None, source_shape: tuple[int, int],
+                spacing: tuple[float, float, float], size: int, threshold: float) -> dict[str, Any]:
+    """The volume's best finding by :func:`locate_peaks` (as the node), and where it lies against the label."""
+    peaks = locate_peaks(maps, source_shape=source_shape, size=size, spacing=spacing,
+                         min_probability=0.0, max_peaks=5, min_distance_mm=MIN_DISTANCE_MM)
+    if not peaks:
+        return {"found": False}
+    p = peaks[0]
+    out: dict[str, Any] = {
+        "found": True,
+        "slice": p.slice,
+        "row": round(p.row, 1),
+        "column": round(p.column, 1),
+        "probability": round(p.probability, 4),
+        "above_threshold": bool(p.probability >= threshold),
+        "next_findings": [{"slice": q.slice, "row": round(q.row, 1), "column": round(q.column, 1),
+                           "probability": round(q.probability, 4)} for q in peaks[1:]],
+    }
+    if mask is not None:
+        r, c = int(round(p.row)), int(round(p.column))
+        inside = bool(0 <= r < mask.shape[1] and 0 <= c < mask.shape[2] and mask[p.slice, r, c])
+        zz, yy, xx = np.nonzero(mask)
+        centroid = np.array([zz.mean(), yy.mean(), xx.mean()])
+        sp = np.asarray(spacing)
+        out.update(
+            inside_label=inside,
+            label_centroid=[round(float(v), 1) for v in centroid],
+            distance_to_label_centroid_mm=round(float(np.linalg.norm((np.array([p.slice, p.row, p.column])
+                                                                       - centroid) * sp)), 1),
+        )
+    return out
 
 
 def evaluate_lung1(onnx_path: Path, image_path: Path, *, size: int, context: int, aggregation: str,
                    threshold: float, training_slices: tuple[int, int]) -> dict[str, Any]:
-    """Score every lung1 slice with the ONNX model; does the top slice fall in the labelled nodule?"""
-    hu, _ = read_nrrd_hu(image_path)
+    """Score every lung1 slice with the ONNX model: top slice, end slices, and (with a map) the top finding."""
+    hu, spacing = read_nrrd_hu(image_path)
     x = prepare_slices(hu, size=size, context=context, hu_window=LUNG_WINDOW)
-    scores = onnx_predict(onnx_session(onnx_path), x)
+    outputs = onnx_outputs(onnx_session(onnx_path), x)
+    scores = outputs[0][:, 0]
     nodule = lung1_nodule_slices(image_path)
     order = np.argsort(-scores, kind="stable")
     top = int(order[0])
@@ -57,8 +100,17 @@ def evaluate_lung1(onnx_path: Path, image_path: Path, *, size: int, context: int
         "study_score": round(study, 4),
         "study_positive_at_threshold": bool(study >= threshold),
         "top5_slices": [int(k) for k in order[:5]],
+        "end_slice_scores": {"0": round(float(scores[0]), 4), str(len(scores) - 1): round(float(scores[-1]), 4)},
+        "end_slices_below_threshold": bool(max(scores[0], scores[-1]) < threshold),
+        "threshold": round(float(threshold), 6),
         "slice_scores": [round(float(v), 4) for v in scores],
     }
-    logger.info("lung1: top slice %d (score %.3f), nodule slices %s, best nodule slice rank %d, study score %.3f",
-                top, scores[top], nodule, rank, study)
+    logger.info("lung1: top slice %d (score %.3f), nodule slices %s, best nodule slice rank %d, study score %.3f; "
+                "end slices %.3f / %.3f (threshold %.3f)", top, scores[top], nodule, rank, study, scores[0],
+                scores[-1], threshold)
+    if len(outputs) > 1:
+        finding = top_finding(outputs[1][..., 0], lung1_label(image_path), hu.shape[1:], spacing, size, threshold)
+        finding["label_used_in_training"] = False
+        result["top_finding"] = finding
+        logger.info("lung1 top finding: %s", {k: v for k, v in finding.items() if k != "next_findings"})
     return result

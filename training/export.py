@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from training.errors import ExportError
-from training.models import INPUT_NAME, OUTPUT_NAME
+from training.models import INPUT_NAME, output_names
 
 logger = logging.getLogger(__name__)
 
@@ -39,18 +39,23 @@ def sha256_of(path: Path) -> str:
 
 
 def export_onnx(model: Any, path: Path, *, size: int, channels: int, opset: int = 17) -> dict[str, Any]:
-    """Convert ``model`` to ONNX at ``path``: input ``slices`` [N, size, size, channels], output ``p_malignant`` [N, 1].
+    """Convert ``model`` to ONNX at ``path``: input ``slices`` [N, size, size, channels].
 
-    Returns {"seconds", "bytes"}.
+    Outputs, in this order: ``p_malignant`` [N, 1] and, for a model with a map,
+    ``score_map`` [N, h, w, 1]. Returns {"seconds", "bytes", "outputs": {name: shape}}.
     """
+    import onnx
     import tensorflow as tf
     import tf2onnx
 
     spec = (tf.TensorSpec([None, size, size, channels], tf.float32, name=INPUT_NAME),)
+    names = output_names(model)
 
     @tf.function(input_signature=spec)
     def serve(slices: Any) -> dict[str, Any]:
-        return {OUTPUT_NAME: model(slices, training=False)}
+        out = model(slices, training=False)
+        out = out if isinstance(out, (list, tuple)) else [out]
+        return dict(zip(names, out))
 
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -59,8 +64,15 @@ def export_onnx(model: Any, path: Path, *, size: int, channels: int, opset: int 
     except Exception as exc:  # tf2onnx raises many kinds; name the step
         raise ExportError(f"tf2onnx conversion to {path} failed: {exc}") from exc
     seconds = time.perf_counter() - start
-    logger.info("exported %s (opset %d, %.1f MB) in %.1f s", path, opset, path.stat().st_size / 1e6, seconds)
-    return {"seconds": round(seconds, 2), "bytes": path.stat().st_size}
+    graph = onnx.load(str(path)).graph
+    got = [o.name for o in graph.output]
+    if got != names:
+        raise ExportError(f"{path}: graph outputs {got}, expected {names} (slice probability first)")
+    shapes = {o.name: [d.dim_value if d.HasField("dim_value") else None for d in o.type.tensor_type.shape.dim]
+              for o in graph.output}
+    logger.info("exported %s (opset %d, %.1f MB, outputs %s) in %.1f s", path, opset, path.stat().st_size / 1e6,
+                shapes, seconds)
+    return {"seconds": round(seconds, 2), "bytes": path.stat().st_size, "outputs": shapes}
 
 
 def onnx_session(path: Path) -> Any:
@@ -72,22 +84,40 @@ def onnx_session(path: Path) -> Any:
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
+def onnx_outputs(session: Any, x: np.ndarray, batch: int = 64) -> list[np.ndarray]:
+    """Every output of the session for every row of ``x``, in batches, concatenated."""
+    name = session.get_inputs()[0].name
+    parts = [session.run(None, {name: x[i : i + batch]}) for i in range(0, len(x), batch)]
+    if not parts:
+        return [np.zeros((0,) + tuple(d if isinstance(d, int) else 0 for d in o.shape[1:]), dtype=np.float32)
+                for o in session.get_outputs()]
+    return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
+
+
 def onnx_predict(session: Any, x: np.ndarray, batch: int = 64) -> np.ndarray:
     """P(malignant) for every row of ``x`` (n,), in batches."""
-    name = session.get_inputs()[0].name
-    out = [session.run(None, {name: x[i : i + batch]})[0][:, 0] for i in range(0, len(x), batch)]
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+    return onnx_outputs(session, x, batch)[0][:, 0]
+
+
+def tf_outputs(model: Any, x: np.ndarray, batch: int = 64) -> list[np.ndarray]:
+    """Every output of the Keras model for ``x`` (a list even for one output)."""
+    out = model.predict(x, batch_size=batch, verbose=0)
+    return [np.asarray(o) for o in (out if isinstance(out, (list, tuple)) else [out])]
 
 
 def parity(model: Any, path: Path, x: np.ndarray, tolerance: float) -> dict[str, Any]:
-    """Max |ONNX - TensorFlow| over ``x``; ExportError if above ``tolerance``."""
-    tf_out = np.asarray(model.predict(x, batch_size=64, verbose=0))[:, 0]
-    onnx_out = onnx_predict(onnx_session(path), x)
-    delta = float(np.max(np.abs(tf_out - onnx_out))) if len(x) else 0.0
-    result = {"max_abs_diff": delta, "n_inputs": int(len(x)), "tolerance": tolerance, "passed": delta <= tolerance}
-    logger.info("ONNX vs TensorFlow on %d held-out slices: max |diff| %.3g (tolerance %.0e)", len(x), delta, tolerance)
+    """Max |ONNX - TensorFlow| over ``x``, per output; ExportError if any is above ``tolerance``."""
+    names = output_names(model)
+    tf_out = tf_outputs(model, x)
+    onnx_out = onnx_outputs(onnx_session(path), x)
+    per = {n: float(np.max(np.abs(a - b))) if len(x) else 0.0 for n, a, b in zip(names, tf_out, onnx_out)}
+    delta = max(per.values())
+    result = {"max_abs_diff": delta, "max_abs_diff_per_output": per, "n_inputs": int(len(x)),
+              "tolerance": tolerance, "passed": delta <= tolerance}
+    logger.info("ONNX vs TensorFlow on %d held-out slices: max |diff| %s (tolerance %.0e)", len(x),
+                {k: f"{v:.3g}" for k, v in per.items()}, tolerance)
     if delta > tolerance:
-        raise ExportError(f"{path}: ONNX output differs from TensorFlow by {delta:.3g} > {tolerance:.0e}")
+        raise ExportError(f"{path}: ONNX output differs from TensorFlow by {delta:.3g} > {tolerance:.0e} ({per})")
     return result
 
 

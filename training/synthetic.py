@@ -10,8 +10,9 @@ Anatomy (real pixels, HU):
   repeated along z as a thin slab.
 
 Each volume is a window of consecutive slices, warped in-plane (flip, rotation
-+-8 degrees, scale 0.9..1.1, shift), with added noise, and 0, 1 or 2 nodules
-drawn inside the lungs. A nodule has four traits, and the traits alone decide
++-8 degrees, scale 0.85..1.15 for body size, shift), with 0, 1 or 2 nodules
+drawn inside the lungs, then a reconstruction kernel (as is, softer or
+sharper) and noise (0-20 HU). A nodule has four traits, and the traits alone decide
 its label (:func:`is_malignant`):
 
     malignant  <=>  no calcification  AND  ( spiculated margin and diameter >= 6 mm
@@ -40,7 +41,7 @@ from typing import Sequence
 
 import numpy as np
 
-from training.data import BENIGN, IGNORE, MALIGNANT, Case, Finding, Volume, default_lung1_path, read_nrrd_hu
+from training.data import BENIGN, IGNORE, MALIGNANT, Case, Finding, Nodule, Volume, default_lung1_path, read_nrrd_hu
 from training.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -317,6 +318,45 @@ def insert_nodule(
     return core, sorted(set(touched) | set(core))
 
 
+# --------------------------------------------------------------------------- reconstruction kernel
+
+
+def _kernel(rng: np.random.Generator) -> dict[str, object]:
+    """Half the volumes as acquired, a quarter softer (blur 0.4-1.2 mm), a quarter sharper (unsharp mask)."""
+    u = rng.random()
+    if u < 0.5:
+        return {"kernel": "standard", "kernel_sigma_mm": 0.0, "kernel_amount": 0.0}
+    if u < 0.75:
+        return {"kernel": "soft", "kernel_sigma_mm": float(rng.uniform(0.4, 1.2)), "kernel_amount": 0.0}
+    return {"kernel": "sharp", "kernel_sigma_mm": float(rng.uniform(0.6, 1.2)), "kernel_amount": float(rng.uniform(0.5, 1.5))}
+
+
+def gaussian_blur(hu: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Separable in-plane Gaussian blur of every slice of ``hu`` (z, y, x), edges replicated."""
+    radius = max(1, int(np.ceil(3 * sigma_px)))
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma_px) ** 2).astype(np.float32)
+    taps /= taps.sum()
+    out = hu
+    for axis in (1, 2):
+        pad = [(0, 0)] * 3
+        pad[axis] = (radius, radius)
+        padded = np.pad(out, pad, mode="edge")
+        n = out.shape[axis]
+        acc = np.zeros_like(out)
+        for i, t in enumerate(taps):
+            acc += t * np.take(padded, np.arange(i, i + n), axis=axis)
+        out = acc
+    return out
+
+
+def apply_kernel(hu: np.ndarray, pixel_mm: float, kernel: str, sigma_mm: float, amount: float) -> np.ndarray:
+    """Soften (blur) or sharpen (unsharp mask) a volume in-plane, as another reconstruction kernel would."""
+    if kernel == "standard" or sigma_mm <= 0:
+        return hu
+    blurred = gaussian_blur(hu, sigma_mm / pixel_mm)
+    return blurred if kernel == "soft" else hu + amount * (hu - blurred)
+
+
 # --------------------------------------------------------------------------- the source
 
 
@@ -332,6 +372,9 @@ class VolumePlan:
     shift: tuple[float, float]
     noise_hu: float
     nodules: tuple[NoduleTraits, ...]
+    kernel: str = "standard"  # standard (as acquired) | soft (Gaussian blur) | sharp (unsharp mask)
+    kernel_sigma_mm: float = 0.0
+    kernel_amount: float = 0.0  # sharp: x + amount * (x - blur(x))
 
     @property
     def label(self) -> int:
@@ -378,8 +421,9 @@ class SyntheticSource:
         count = int(rng.choice(3, p=NODULE_COUNT_P))
         return VolumePlan(
             anatomy=anatomy, z0=z0, flip=bool(rng.random() < 0.5), angle=float(rng.uniform(-8, 8)),
-            scale=float(rng.uniform(0.9, 1.1)), shift=(float(rng.uniform(-0.04, 0.04)), float(rng.uniform(-0.04, 0.04))),
-            noise_hu=float(rng.uniform(0, 12)), nodules=tuple(sample_traits(rng) for _ in range(count)),
+            scale=float(rng.uniform(0.85, 1.15)), shift=(float(rng.uniform(-0.04, 0.04)), float(rng.uniform(-0.04, 0.04))),
+            noise_hu=float(rng.uniform(0, 20)), nodules=tuple(sample_traits(rng) for _ in range(count)),
+            **_kernel(rng),  # drawn last, so the draws above (and the labels) do not depend on it
         )
 
     def plan(self, case: Case) -> VolumePlan:
@@ -398,13 +442,13 @@ class SyntheticSource:
         h, w = block.shape[1:]
         sy, sx = _affine_grid(h, w, plan.flip, plan.angle, plan.scale, plan.shift)
         hu = warp_bilinear(block, sy, sx, fill=-1000.0)
-        hu += rng.normal(0.0, plan.noise_hu, size=hu.shape).astype(np.float32)
         f = anat.factor
         lung = anat.lung[plan.z0 : plan.z0 + depth]
         cy, cx = _affine_grid(lung.shape[1], lung.shape[2], plan.flip, plan.angle, plan.scale, plan.shift)
         lung = warp_bilinear(lung.astype(np.float32), cy, cx, fill=0.0) > 0.5
         labels = np.zeros(depth, dtype=np.int8)
         findings: list[Finding] = []
+        nodules: list[Nodule] = []
         placed: list[tuple[np.ndarray, float]] = []
         for traits in plan.nodules:
             centre = self._place(lung, f, anat.spacing, traits, placed, rng, (h, w))
@@ -414,13 +458,16 @@ class SyntheticSource:
             core, touched = insert_nodule(hu, anat.spacing, centre, traits, rng)
             label = MALIGNANT if is_malignant(traits) else BENIGN
             findings.extend(Finding(k, centre[1], centre[2], label) for k in core)
+            nodules.append(Nodule(centre[0], centre[1], centre[2], traits.diameter_mm, label))
             if label == MALIGNANT:
                 labels[[k for k in touched if labels[k] == BENIGN]] = IGNORE
                 labels[core] = MALIGNANT
+        hu = apply_kernel(hu, anat.spacing[1], plan.kernel, plan.kernel_sigma_mm, plan.kernel_amount)
+        hu += rng.normal(0.0, plan.noise_hu, size=hu.shape).astype(np.float32)
         if plan.label == MALIGNANT and not (labels == MALIGNANT).any():  # pragma: no cover - placement failed
             raise DataError(f"{case.case_id}: malignant nodule could not be placed")
         out = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
-        return Volume(case, out, anat.spacing, labels, findings)
+        return Volume(case, out, anat.spacing, labels, findings, nodules)
 
     @staticmethod
     def _place(

@@ -18,9 +18,10 @@ import numpy as np
 
 from node.preprocessing import LUNG_WINDOW, PREPROCESSING_VERSION
 from training import export as ex
-from training.config import RunConfig
+from training.config import AGGREGATIONS, RunConfig
 from training.data import (
     IGNORE,
+    MALIGNANT,
     CachedSource,
     DicomFolderSource,
     SliceSet,
@@ -31,13 +32,16 @@ from training.data import (
     split_cases,
 )
 from training.errors import ConfigError
-from training.metrics import binary_metrics, plot_confusion, plot_roc, study_scores, youden_threshold
-from training.models import INPUT_NAME, OUTPUT_NAME, build_model
+from training.detection import detection_metrics
+from training.export import tf_outputs
+from training.metrics import binary_metrics, plot_confusion, plot_roc, roc_auc, study_scores, youden_threshold
+from training.models import INPUT_NAME, MAP_OUTPUT_NAME, OUTPUT_NAME, build_model, has_map, logit_view
 from training.synthetic import RULE, SyntheticSource
 
 logger = logging.getLogger(__name__)
 
 DEMO_USE = "semi-synthetic, demo only, not for clinical use"
+DEMO_MODEL = "demo model, not for clinical use"
 
 
 @dataclass
@@ -73,70 +77,91 @@ def make_source(cfg: RunConfig, lung1: Path | None = None) -> Source:
     return LidcSource(d.lidc_images, d.lidc_max_scans)
 
 
-def _epoch_logger(epochs: int) -> Any:
-    """A Keras callback: one log line per epoch; keeps the weights of the best validation AUC."""
-    import keras
+class EpochLog:
+    """One record per epoch (train loss, validation AUCs and CPM); keeps the weights of the best epoch.
 
-    class EpochLog(keras.callbacks.Callback):
-        def __init__(self) -> None:
-            super().__init__()
-            self.history: list[dict[str, float]] = []
-            self.best_auc, self.best_epoch, self.best_weights = -1.0, 0, None
-            self._t0 = 0.0
+    The best epoch has the highest mean of the validation figures it has:
+    study AUC, slice AUC and (with a map) CPM.
+    """
 
-        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-            self._t0 = time.perf_counter()
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+        self.history: list[dict[str, float]] = []
+        self.best_score, self.best_epoch, self.best_weights = -1.0, 0, None
 
-        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-            logs = {k: float(v) for k, v in (logs or {}).items()}
-            logs["seconds"] = round(time.perf_counter() - self._t0, 2)
-            epoch = len(self.history)  # running count across training stages
-            logs["epoch"] = epoch + 1
-            self.history.append(logs)
-            auc = logs.get("val_auc", float("nan"))
-            logger.info("epoch %d/%d: loss %.4f auc %.4f val_loss %.4f val_auc %.4f (%.1f s)", epoch + 1, epochs,
-                        logs.get("loss", float("nan")), logs.get("auc", float("nan")),
-                        logs.get("val_loss", float("nan")), auc, logs["seconds"])
-            if auc > self.best_auc:
-                self.best_auc, self.best_epoch = auc, epoch + 1
-                self.best_weights = self.model.get_weights()
+    def record(self, model: Any, logs: dict[str, float]) -> None:
+        epoch = len(self.history) + 1  # running count across training stages
+        logs = dict(logs, epoch=epoch)
+        figures = [logs[k] for k in ("val_study_auc", "val_slice_auc", "val_cpm") if np.isfinite(logs.get(k, np.nan))]
+        logs["val_selection"] = float(np.mean(figures)) if figures else float("nan")
+        self.history.append(logs)
+        logger.info("epoch %d/%d: loss %.4f (slice %.4f, map %.4f) val study AUC %.4f slice AUC %.4f CPM %.4f "
+                    "(%.1f s)", epoch, self.epochs, logs["loss"], logs["slice_loss"], logs["map_loss"],
+                    logs["val_study_auc"], logs["val_slice_auc"], logs.get("val_cpm", float("nan")), logs["seconds"])
+        if logs["val_selection"] > self.best_score:
+            self.best_score, self.best_epoch = logs["val_selection"], epoch
+            self.best_weights = model.get_weights()
 
-        def on_train_end(self, logs: Any = None) -> None:
-            if self.best_weights is not None:
-                self.model.set_weights(self.best_weights)
-                logger.info("kept the weights of epoch %d (val_auc %.4f)", self.best_epoch, self.best_auc)
-
-    return EpochLog()
+    def restore(self, model: Any) -> None:
+        if self.best_weights is not None:
+            model.set_weights(self.best_weights)
+            logger.info("kept the weights of epoch %d (validation selection figure %.4f)", self.best_epoch,
+                        self.best_score)
 
 
-def _train_dataset(s: SliceSet, cfg: RunConfig, patch: int) -> tuple[Any, dict[str, float]]:
-    """tf.data pipeline: shuffle, class weights as sample weights, augmentation, batching.
+def _class_weights(y: np.ndarray, enabled: bool) -> dict[str, float]:
+    n_pos, n_neg = float((y == 1).sum()), float((y == 0).sum())
+    if enabled and n_pos and n_neg:
+        return {"benign": len(y) / (2 * n_neg), "malignant": len(y) / (2 * n_pos)}
+    return {"benign": 1.0, "malignant": 1.0}
 
-    ``patch`` > 0: ``s`` holds patches with a jitter margin, cropped here to ``patch`` pixels.
+
+def _train_dataset(s: SliceSet, cfg: RunConfig, patch: int, with_target: bool) -> tuple[Any, dict[str, float]]:
+    """tf.data pipeline of (x, y, weight, target): shuffle, class weights, augmentation, batching.
+
+    The map target travels with the image through flips and crops. Volume-end
+    augmentation: with probability ``train.volume_end_p`` a sample's context
+    channels are clipped as ``prepare_slices`` clips them at a volume's first
+    or last slices (the neighbour beyond the end repeats the last one there),
+    so repeated context is never a cue. ``patch``
+    > 0: ``s`` holds patches with a jitter margin, cropped here to ``patch`` pixels.
     """
     import tensorflow as tf
 
     y = s.y
-    n_pos, n_neg = float((y == 1).sum()), float((y == 0).sum())
-    if cfg.train.class_weights and n_pos and n_neg:
-        weights = {"benign": len(y) / (2 * n_neg), "malignant": len(y) / (2 * n_pos)}
-    else:
-        weights = {"benign": 1.0, "malignant": 1.0}
+    weights = _class_weights(y, cfg.train.class_weights)
     w = np.where(y == 1, weights["malignant"], weights["benign"]).astype(np.float32)
-    ds = tf.data.Dataset.from_tensor_slices((s.x, y, w)).shuffle(len(y), seed=cfg.seed, reshuffle_each_iteration=True)
+    target = s.target if with_target and s.target is not None else np.zeros(s.x.shape[:3] + (1,), np.float32)
+    ds = tf.data.Dataset.from_tensor_slices((s.x, y, w, target))
+    ds = ds.shuffle(len(y), seed=cfg.seed, reshuffle_each_iteration=True)
     pad, channels = cfg.train.jitter, s.x.shape[-1]
     out = patch or cfg.model.size  # patches arrive with the jitter margin already around them
 
-    def augment(x: Any, label: Any, weight: Any) -> Any:
-        x = tf.image.random_flip_left_right(x)
-        if not patch:
-            x = tf.pad(x, [[pad, pad], [pad, pad], [0, 0]], mode="SYMMETRIC")
-        x = tf.image.random_crop(x, [out, out, channels])
-        x = x * tf.random.uniform([], 0.95, 1.05) + tf.random.uniform([], -0.03, 0.03)
-        return tf.clip_by_value(x, 0.0, 1.0), label, weight
+    context = (channels - 1) // 2
+    end_p = cfg.train.volume_end_p
 
-    def centre(x: Any, label: Any, weight: Any) -> Any:
-        return x[pad : pad + out, pad : pad + out], label, weight
+    def volume_end(x: Any) -> Any:
+        """With probability ``end_p``, show the slice as if it were near a volume's end (as prepare_slices does)."""
+        if not context or not end_p:
+            return x
+        offsets = tf.range(-context, context + 1)
+        edge = tf.random.uniform([], 0, context, dtype=tf.int32)  # slices between this one and the end
+        clipped = tf.where(tf.random.uniform([]) < 0.5, tf.maximum(offsets, -edge), tf.minimum(offsets, edge))
+        ended = tf.gather(x, clipped + context, axis=-1)
+        return tf.where(tf.random.uniform([]) < end_p, ended, x)
+
+    def augment(x: Any, label: Any, weight: Any, t: Any) -> Any:
+        x = volume_end(x)
+        both = tf.image.random_flip_left_right(tf.concat([x, t], axis=-1))
+        if not patch:
+            both = tf.pad(both, [[pad, pad], [pad, pad], [0, 0]], mode="SYMMETRIC")
+        both = tf.image.random_crop(both, [out, out, channels + 1])
+        x, t = both[..., :channels], both[..., channels:]
+        x = x * tf.random.uniform([], 0.95, 1.05) + tf.random.uniform([], -0.03, 0.03)
+        return tf.clip_by_value(x, 0.0, 1.0), label, weight, t
+
+    def centre(x: Any, label: Any, weight: Any, t: Any) -> Any:
+        return x[pad : pad + out, pad : pad + out], label, weight, t[pad : pad + out, pad : pad + out]
 
     if cfg.train.augment:
         ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
@@ -148,9 +173,127 @@ def _train_dataset(s: SliceSet, cfg: RunConfig, patch: int) -> tuple[Any, dict[s
     return ds, weights
 
 
-def _labelled(s: SliceSet) -> tuple[np.ndarray, np.ndarray]:
-    keep = s.y != IGNORE
-    return s.x[keep], s.y[keep]
+def focal_map_loss(cells: Any, logits: Any) -> Any:
+    """CenterNet's penalty-reduced focal loss on the map, normalised by the number of nodule centres.
+
+    A centre cell is a local (3 x 3) maximum of the pooled target above 0.5
+    (the cell holding a malignant nodule's centre); it is pushed to 1 with
+    weight (1 - p)^2. Every other cell is pushed to 0 with weight
+    p^2 (1 - target)^4, so cells next to a centre are hardly punished and easy
+    background costs almost nothing.
+    """
+    import tensorflow as tf
+
+    centre = tf.cast((cells >= tf.nn.max_pool2d(cells, 3, 1, "SAME")) & (cells > 0.5), tf.float32)
+    p = tf.sigmoid(logits)
+    log_p, log_not_p = tf.math.log_sigmoid(logits), tf.math.log_sigmoid(-logits)
+    pos = -centre * tf.square(1 - p) * log_p
+    neg = -(1 - centre) * tf.pow(1 - cells, 4) * tf.square(p) * log_not_p
+    return (tf.reduce_sum(pos) + tf.reduce_sum(neg)) / tf.maximum(tf.reduce_sum(centre), 1.0)
+
+
+def _make_step(model: Any, optimizer: Any, cfg: RunConfig, use_map: bool) -> Any:
+    """One optimisation step: weighted slice BCE (+ the map loss for a model with a map, when ``use_map``)."""
+    import tensorflow as tf
+
+    logits_model = logit_view(model)
+    stride, pos_w = cfg.model.map_stride, cfg.train.map_pos_weight
+    map_w = cfg.train.map_loss_weight if use_map else 0.0
+    focal = cfg.train.map_loss == "focal"
+
+    @tf.function
+    def step(x: Any, y: Any, w: Any, t: Any) -> Any:
+        with tf.GradientTape() as tape:
+            if logits_model is not None:
+                logits = logits_model(x, training=True)  # (b, h, w, 1)
+                slice_logit = tf.reduce_max(logits, axis=[1, 2, 3])
+                slice_loss = tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=slice_logit)
+                cells = tf.nn.max_pool2d(t, ksize=stride, strides=stride, padding="VALID")
+                if focal:
+                    map_loss = focal_map_loss(cells, logits)
+                else:
+                    per_cell = tf.nn.sigmoid_cross_entropy_with_logits(labels=cells, logits=logits)
+                    map_loss = tf.reduce_mean(per_cell * (1.0 + (pos_w - 1.0) * cells))
+            else:
+                p = tf.clip_by_value(model(x, training=True)[:, 0], 1e-7, 1 - 1e-7)
+                slice_loss = -(y * tf.math.log(p) + (1 - y) * tf.math.log(1 - p))
+                map_loss = tf.constant(0.0)
+            slice_loss = tf.reduce_mean(w * slice_loss)
+            loss = slice_loss + map_w * map_loss
+        variables = model.trainable_variables
+        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        return loss, slice_loss, map_loss
+
+    return step
+
+
+def predict(model: Any, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(slice probabilities (n,), score maps (n, h, w, 1) or None) from the Keras model."""
+    out = tf_outputs(model, x, batch=128)
+    return out[0][:, 0], (out[1] if len(out) > 1 else None)
+
+
+def _knows_positions(s: SliceSet) -> bool:
+    """Whether the set's source gave malignant nodule positions (the map's target, the FROC's targets)."""
+    return any(n.label == MALIGNANT for g in s.geometry for n in g.nodules)
+
+
+def _validate(model: Any, val: SliceSet, cfg: RunConfig) -> dict[str, float]:
+    scores, maps = predict(model, val.x)
+    keep = val.y != IGNORE
+    val_y = np.array([c.label for c in val.cases])
+    study = study_scores(scores, val.case_index, len(val.cases), cfg.export.aggregation)
+    out = {"val_study_auc": roc_auc(val_y, study), "val_slice_auc": roc_auc(val.y[keep], scores[keep])}
+    if maps is not None and _knows_positions(val):
+        out["val_cpm"] = detection_metrics(val, maps, cfg.model.size)["cpm"]
+    return out
+
+
+def _fit(model: Any, stages: list[tuple[SliceSet, int, int, float]], cfg: RunConfig, val: SliceSet,
+         log: EpochLog) -> dict[str, float]:
+    """Train through ``stages`` of (data, patch size or 0, epochs, learning rate); keep the best epoch."""
+    import keras
+
+    class_weights: dict[str, float] = {}
+    with_target = has_map(model) and _knows_positions(stages[-1][0])
+    if has_map(model) and not with_target:
+        logger.warning("the source gives no nodule positions: the score map is trained through the slice loss only")
+    for data, patch, epochs, lr in stages:
+        logger.info("training %d epochs on %s, learning rate %.1e", epochs,
+                    f"{patch}-pixel patches" if patch else "whole slices", lr)
+        optimizer = keras.optimizers.Adam(lr)
+        step = _make_step(model, optimizer, cfg, with_target)
+        ds, class_weights = _train_dataset(data, cfg, patch, with_target)
+        if cfg.train.steps_per_epoch:
+            ds = ds.take(cfg.train.steps_per_epoch)
+        for _ in range(epochs):
+            t0 = time.perf_counter()
+            sums, n = np.zeros(3), 0
+            for x, y, w, t in ds:
+                sums += [float(v) for v in step(x, y, w, t)]
+                n += 1
+            logs = dict(zip(("loss", "slice_loss", "map_loss"), (sums / max(n, 1)).tolist()))
+            logs.update(_validate(model, val, cfg))
+            logs["seconds"] = round(time.perf_counter() - t0, 2)
+            log.record(model, logs)
+    log.restore(model)
+    return class_weights
+
+
+def _card_detection(d: dict[str, Any], stride: int) -> dict[str, Any]:
+    """The card's detection figures: FROC per FP rate, CPM, localisation error and how they were counted."""
+    return {
+        "froc_sensitivity_at_fp_per_scan": d["sensitivity_at_fp_per_scan"],
+        "froc_cpm": d["cpm"],
+        "localisation_error_mm": d["localisation_error_mm"],
+        "detection": {
+            "targets": f"{d['targets']} malignant nodules in {d['scans']} test scans",
+            "hit_rule": d["hit_rule"],
+            "benign_hits_ignored": d["benign_hits_ignored"],
+            "candidates": d["candidates"],
+            "map_stride": stride,
+        },
+    }
 
 
 def run(cfg: RunConfig, *, lung1: Path | None = None) -> RunResult:
@@ -192,29 +335,22 @@ def run(cfg: RunConfig, *, lung1: Path | None = None) -> RunResult:
     logger.info("slices ready in %.1f s: %s", data_seconds, counts)
 
     # train: optionally on patches first (the fully convolutional default only), then on whole slices
-    model = build_model(cfg.model.arch, None if cfg.train.patch else cfg.model.size, channels)
-    logger.info("model %s: %d parameters, input %s", cfg.model.arch, model.count_params(), model.input_shape)
-    log = _epoch_logger(cfg.train.patch_epochs + cfg.train.epochs)
-    xv, yv = _labelled(val)
+    model = build_model(cfg.model.arch, None if cfg.train.patch else cfg.model.size, channels, cfg.model.map_stride)
+    logger.info("model %s: %d parameters, input %s, outputs %s", cfg.model.arch, model.count_params(),
+                model.input_shape, [tuple(o.shape) for o in model.outputs])
+    log = EpochLog(cfg.train.patch_epochs + cfg.train.epochs)
     t0 = time.perf_counter()
     stages = ([(patches, cfg.train.patch, cfg.train.patch_epochs, cfg.train.learning_rate)] if patches else []) + [
         (train, 0, cfg.train.epochs, cfg.train.learning_rate / (3 if patches else 1))]
-    for data, patch, epochs, lr in stages:
-        logger.info("training %d epochs on %s, learning rate %.1e", epochs,
-                    f"{patch}-pixel patches" if patch else "whole slices", lr)
-        model.compile(optimizer=keras.optimizers.Adam(lr), loss="binary_crossentropy",
-                      metrics=[keras.metrics.AUC(name="auc")])
-        ds, class_weights = _train_dataset(data, cfg, patch)
-        model.fit(ds, epochs=epochs, steps_per_epoch=cfg.train.steps_per_epoch or None,
-                  validation_data=(xv, yv), callbacks=[log], verbose=0)
-    del patches
+    class_weights = _fit(model, stages, cfg, val, log)
+    del patches, stages
     train_seconds = time.perf_counter() - t0
     model.save(out_dir / f"{cfg.name}.keras")
 
     # threshold on validation study scores, metrics on test
     agg = cfg.export.aggregation
-    val_scores = model.predict(val.x, batch_size=128, verbose=0)[:, 0]
-    test_scores = model.predict(test.x, batch_size=128, verbose=0)[:, 0]
+    val_scores, val_maps = predict(model, val.x)
+    test_scores, test_maps = predict(model, test.x)
     val_y = np.array([c.label for c in val.cases])
     test_y = np.array([c.label for c in test.cases])
     val_study = study_scores(val_scores, val.case_index, len(val.cases), agg)
@@ -230,17 +366,35 @@ def run(cfg: RunConfig, *, lung1: Path | None = None) -> RunResult:
         "threshold": threshold,
         "threshold_method": f"Youden's J on the validation split's study scores ({agg} of slice scores)",
         "aggregation": agg,
+        "study_auc_by_aggregation": {
+            m: {"val": roc_auc(val_y, study_scores(val_scores, val.case_index, len(val.cases), m)),
+                "test": roc_auc(test_y, study_scores(test_scores, test.case_index, len(test.cases), m))}
+            for m in AGGREGATIONS},
         "class_weights": class_weights,
         "model": {"arch": cfg.model.arch, "parameters": int(model.count_params()), "size": cfg.model.size,
-                  "context": cfg.model.context,
+                  "context": cfg.model.context, "outputs": [OUTPUT_NAME] + ([MAP_OUTPUT_NAME] if has_map(model) else []),
+                  "map_stride": cfg.model.map_stride if has_map(model) else None,
+                  "loss": ("slice BCE (class-weighted) + " f"{cfg.train.map_loss_weight:g} x " +
+                           ("score-map focal loss (CenterNet, normalised by nodule centres)" if cfg.train.map_loss == "focal"
+                            else f"score-map BCE per cell (cell weight 1 + {cfg.train.map_pos_weight - 1:g} x target)"))
+                  if has_map(model)
+                  else "slice BCE (class-weighted)",
                   "schedule": (f"{cfg.train.patch_epochs} epochs on {cfg.train.patch}-pixel patches, then "
                                if cfg.train.patch else "") + f"{cfg.train.epochs} epochs on whole slices"},
         "best_epoch": log.best_epoch,
+        "selection": "the epoch with the highest mean of validation study AUC, slice AUC and CPM (those it has)",
         "timing": {"data_s": round(data_seconds, 1), "train_s": round(train_seconds, 1),
                    "epoch_s": [h["seconds"] for h in log.history]},
     }
     logger.info("test (study, %d cases): AUC %.3f acc %.3f F1 %.3f at threshold %.3f", len(test.cases),
                 metrics["study"]["roc_auc"], metrics["study"]["accuracy"], metrics["study"]["f1"], threshold)
+    if test_maps is not None and _knows_positions(test) and _knows_positions(val):
+        metrics["detection"] = detection_metrics(test, test_maps, cfg.model.size)
+        metrics["val_detection_cpm"] = detection_metrics(val, val_maps, cfg.model.size)["cpm"]
+        d = metrics["detection"]
+        logger.info("test detection (%d malignant nodules, %d scans): FROC %s CPM %.3f; localisation error median "
+                    "%.1f mm mean %.1f mm", d["targets"], d["scans"], d["sensitivity_at_fp_per_scan"], d["cpm"],
+                    d["localisation_error_mm"]["median"], d["localisation_error_mm"]["mean"])
     plots = [
         plot_roc({"study": (test_y, test_study), "slice": (test.y[keep_t], test_scores[keep_t])},
                  out_dir / "roc.png", f"{cfg.name} {cfg.version}: test ROC"),
@@ -254,8 +408,6 @@ def run(cfg: RunConfig, *, lung1: Path | None = None) -> RunResult:
     metrics["export"] = ex.export_onnx(model, onnx_path, size=cfg.model.size, channels=channels, opset=cfg.export.opset)
     metrics["export"]["opset"] = cfg.export.opset
     metrics["parity"] = ex.parity(model, onnx_path, test.x[:256], cfg.export.parity_tolerance)
-    metrics_path = out_dir / "metrics.json"
-    metrics_path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
     # real-anatomy check
     evaluation: dict[str, Any] = {}
@@ -269,6 +421,10 @@ def run(cfg: RunConfig, *, lung1: Path | None = None) -> RunResult:
                                                  training_slices=cfg.data.lung1_slices)
         else:
             logger.warning("lung1 not found at %s: real-anatomy check skipped", image)
+    if "lung1" in evaluation:
+        metrics["lung1"] = {k: v for k, v in evaluation["lung1"].items() if k != "slice_scores"}
+    metrics_path = out_dir / "metrics.json"
+    metrics_path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
     synthetic = cfg.data.source == "synthetic"
     card = {
@@ -277,6 +433,7 @@ def run(cfg: RunConfig, *, lung1: Path | None = None) -> RunResult:
         "input_name": INPUT_NAME,
         "input_shape": [None, cfg.model.size, cfg.model.size, channels],
         "output_name": OUTPUT_NAME,
+        "map_output_name": MAP_OUTPUT_NAME if has_map(model) else "",
         "preprocessing_version": PREPROCESSING_VERSION,
         "size": cfg.model.size,
         "context": cfg.model.context,
@@ -286,7 +443,7 @@ def run(cfg: RunConfig, *, lung1: Path | None = None) -> RunResult:
         "aggregation": agg,
         "classes": ["benign", "malignant"],
         "input_dtype": "float32",
-        "intended_use": cfg.intended_use or (f"{DEMO_USE}: exercises the ainode pipeline end to end" if synthetic else ""),
+        "intended_use": cfg.intended_use or (f"{DEMO_MODEL}: {DEMO_USE}; exercises the ainode pipeline end to end" if synthetic else ""),
         "training_data": source.describe(),
         "metrics": {
             "split": "test",
@@ -294,6 +451,8 @@ def run(cfg: RunConfig, *, lung1: Path | None = None) -> RunResult:
             "slice": metrics["slice"],
             "onnx_vs_tensorflow_max_abs_diff": metrics["parity"]["max_abs_diff"],
             "architecture": f"{cfg.model.arch} ({metrics['model']['parameters']} parameters)",
+            "outputs": metrics["export"]["outputs"],
+            **(_card_detection(metrics["detection"], cfg.model.map_stride) if "detection" in metrics else {}),
             **({"labelling_rule": RULE} if synthetic else {}),
         },
         "evaluation": evaluation,
