@@ -67,7 +67,10 @@ def stage_run(slices: int, model: str, device: str = "auto") -> dict[str, Any]:
         ctx = WorkerContext(cfg, storage, redis_client("redis://127.0.0.1:1/0", timeout=0.1, retries=0))
         set_context(ctx)
         t0 = time.monotonic()
-        m = ctx.model
+        ctx.model  # loaded once per worker process, as run_worker does
+        from node.results.sr import warm_up
+
+        warm_up()
         t_model = time.monotonic() - t0
         rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         from node.worker import _analyse  # the job's own code path, SR included

@@ -189,6 +189,9 @@ def run_worker(cfg: Config, role: str = "analyse", *, burst: bool = False) -> in
     audit = ctx.audit  # opened now: a bad audit path stops the worker at start
     if role == "analyse":
         model = ctx.model  # load once, now: a bad model stops the worker at start, not at the first job
+        from node.results.sr import warm_up
+
+        warm_up()
         logger.info("Worker ready: model %s %s on %s", model.card.name, model.card.version, ", ".join(model.providers))
         threshold, source = ctx.threshold()
         if source == "config":

@@ -80,7 +80,7 @@ def ensure_object(
     if kind.startswith(SR_PREFIX):
         from node.results.sr import build_sr
 
-        sources = [_header(storage, study_uid, rev.instances[sop], sop) for sop in sorted(used)]
+        sources = _evidence(storage, result, rev.instances, used)
         ds = build_sr(result, sources, predecessor=_predecessor(storage, device, study_uid, revision, kind),
                       series_number=SERIES_NUMBERS["sr"], sr_class=kind.removeprefix(SR_PREFIX), **common)
     elif kind == SC:
@@ -107,6 +107,24 @@ def ensure_object(
 
 def _header(storage: Storage, study_uid: str, series_uid: str, sop_uid: str) -> Dataset:
     return dcmread(storage.instance_path(study_uid, series_uid, sop_uid), stop_before_pixels=True)
+
+
+def _evidence(storage: Storage, result: Result, series_of: dict[str, str], used: Sequence[str]) -> list[Dataset]:
+    """The SR's sources: the headers of the images it shows (read from disk; the first gives the SR its
+    Patient and Study modules), and for every other instance analysed just its four UIDs.
+
+    Reading 300 headers again cost 0.3 s a study; the evidence lists only UIDs. Every analysed slice
+    has one SOP class (node.volume keeps the series' single-frame slice class only).
+    """
+    shown = [i.sop_instance_uid for i in result.shown_images]
+    sop_class = result.key_images[0].image.sop_class_uid
+    sources = [_header(storage, result.study_uid, series_of[sop], sop) for sop in shown]
+    for sop in sorted(set(used) - set(shown)):
+        ds = Dataset()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = result.study_uid, series_of[sop]
+        ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop
+        sources.append(ds)
+    return sources
 
 
 def _predecessor(storage: Storage, device: NodeDevice, study_uid: str, revision: int, kind: str) -> Dataset | None:

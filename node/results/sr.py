@@ -299,6 +299,12 @@ def _qualitative_evaluations(result: Result) -> ContainerContentItem:
     return container
 
 
+def warm_up() -> None:
+    """Load what highdicom loads on first use (its IOD tables, about 0.3 s), so a worker's first job does not pay it."""
+    ImageRegion(graphic_type=GraphicTypeValues.POINT, graphic_data=np.array([[1.0, 1.0]]),
+                source_image=SourceImageForRegion("1.2.840.10008.5.1.4.1.1.2", "2.25.1"))
+
+
 def study_tracking_uid(result: Result) -> str:
     """The study group's tracking UID: the same for every revision's SR of one study."""
     from pydicom.uid import generate_uid
