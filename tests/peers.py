@@ -317,17 +317,21 @@ class Orthanc:
     def base(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
+    def config(self) -> dict[str, Any]:
+        """Orthanc's configuration (a subclass adds plugins)."""
+        return {
+            "Name": "ainode-test-pacs", "DicomAet": self.aet, "DicomPort": self.port, "HttpPort": self.http_port,
+            "StorageDirectory": str(self.workdir / "db"), "IndexDirectory": str(self.workdir / "db"),
+            "SaveJobs": False, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": self.check_called_aet, "Plugins": [], "ConcurrentJobs": 1,
+        }
+
     def start(self) -> "Orthanc":
         import json as _json
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         cfg = self.workdir / "orthanc.json"
-        cfg.write_text(_json.dumps({
-            "Name": "ainode-test-pacs", "DicomAet": self.aet, "DicomPort": self.port, "HttpPort": self.http_port,
-            "StorageDirectory": str(self.workdir / "db"), "IndexDirectory": str(self.workdir / "db"),
-            "SaveJobs": False, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-            "DicomCheckCalledAet": self.check_called_aet, "Plugins": [], "ConcurrentJobs": 1,
-        }))
+        cfg.write_text(_json.dumps(self.config(), indent=1))
         self.log = open(self.workdir / "orthanc.log", "ab")
         self.proc = subprocess.Popen(["Orthanc", str(cfg)], stdout=self.log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env=dcmtk_env())

@@ -70,7 +70,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Sequence
 
-from tests.peers import REPO, Orthanc, dcmtk_env, have, storescu, wait_until
+from tests.peers import REPO, Orthanc, have, storescu
 
 OHIF_VERSION = "3.13.2"
 PUPPETEER_VERSION = "24.43.1"
@@ -281,12 +281,8 @@ class ViewerOrthanc(Orthanc):
         self.console_log = workdir / "browser.log"
 
     def config(self) -> dict[str, Any]:
-        return {
-            "Name": "ainode-test-viewer", "DicomAet": self.aet, "DicomPort": self.port, "HttpPort": self.http_port,
-            "StorageDirectory": str(self.workdir / "db"), "IndexDirectory": str(self.workdir / "db"),
-            "SaveJobs": False, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-            "DicomCheckCalledAet": self.check_called_aet, "ConcurrentJobs": 1,
-            "HttpCompressionEnabled": False, "StableAge": 1,
+        return super().config() | {
+            "Name": "ainode-test-viewer", "HttpCompressionEnabled": False, "StableAge": 1,
             "Plugins": [str(DICOMWEB_PLUGIN), str(SERVEFOLDERS_PLUGIN)],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "WadoRoot": "/wado",
                          "Ssl": False, "StudiesMetadata": "Full", "SeriesMetadata": "Full"},
@@ -300,15 +296,9 @@ class ViewerOrthanc(Orthanc):
         }
 
     def start(self) -> "ViewerOrthanc":
-        self.workdir.mkdir(parents=True, exist_ok=True)
         if not (self.site / "viewer").is_file():
             prepare_site(self.site)
-        cfg = self.workdir / "orthanc.json"
-        cfg.write_text(json.dumps(self.config(), indent=1))
-        self.log = open(self.workdir / "orthanc.log", "ab")
-        self.proc = subprocess.Popen(["Orthanc", str(cfg)], stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=dcmtk_env())
-        wait_until(self._ready, 20, f"Orthanc on port {self.port}")
+        super().start()
         return self
 
     def _ready(self) -> bool:

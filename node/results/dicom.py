@@ -8,11 +8,11 @@ each build one object; what they must say alike is written here once.
 from __future__ import annotations
 
 import datetime as _dt
-from typing import Sequence
+from typing import Any, Sequence
 
 import highdicom as hd
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
-from highdicom.sr import CodedConcept
+from highdicom.sr import CodedConcept, DeviceObserverIdentifyingAttributes, ObserverContext
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import UID
@@ -35,6 +35,41 @@ def copy_study_extras(target: Dataset, source: Dataset, more: Sequence[str] = ()
     for keyword in (*STUDY_EXTRAS, *more):
         if keyword in source and keyword not in target:
             target[keyword] = source[keyword]
+
+
+def device_observer(result: Result, device: NodeDevice) -> ObserverContext:
+    """The model as the observer of an SR or KO document: a device whose UID derives from its sha256."""
+    model = result.model
+    return ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=model.device_uid, name=model.title[:64], manufacturer_name=device.manufacturer,
+            model_name=model.name[:64],
+        ),
+    )
+
+
+def document_arguments(
+    result: Result, device: NodeDevice, *, series_uid: str, sop_instance_uid: str, series_number: int,
+    instance_number: int, series_description: str, now: _dt.datetime,
+) -> dict[str, Any]:
+    """The keyword arguments every SR document class of highdicom (the SR, the KO) takes alike from us."""
+    return dict(
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number,
+        manufacturer=device.manufacturer,
+        contributing_equipment=contributing_equipment(result, device, now),
+        series_description=series_description,
+        manufacturer_model_name=device.model_name,
+        software_versions=device.software_version,
+        content_date=now.date(),
+        content_time=now.time(),
+        series_date=now.date(),
+        series_time=now.time(),
+        coding_schemes=[IHE_CODING_SCHEME],
+    )
 
 
 def contributing_equipment(result: Result, device: NodeDevice, now: _dt.datetime) -> list[hd.ContributingEquipment]:

@@ -30,11 +30,10 @@ import logging
 from typing import Sequence
 
 import highdicom as hd
-from highdicom.sr import CodedConcept, DeviceObserverIdentifyingAttributes, ObserverContext
+from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
-from pydicom.sr.codedict import codes
 
-from node.results.dicom import IHE_CODING_SCHEME, check_common, check_images, contributing_equipment, copy_study_extras
+from node.results.dicom import check_common, check_images, copy_study_extras, device_observer, document_arguments
 from node.results.facts import NodeDevice, Result
 
 logger = logging.getLogger(__name__)
@@ -80,14 +79,7 @@ def build_key_objects(
         raise ValueError(f'Argument "sources" lacks the key image(s) {", ".join(missing)} of "result".')
     referenced = [by_uid[img.sop_instance_uid] for img in selected]
 
-    model = result.model
-    observer = ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=model.device_uid, name=model.title[:64], manufacturer_name=device.manufacturer,
-            model_name=model.name[:64],
-        ),
-    )
+    observer = device_observer(result, device)
     content = hd.ko.KeyObjectSelection(
         document_title=OF_INTEREST,
         referenced_objects=referenced,
@@ -98,21 +90,10 @@ def build_key_objects(
     ko = hd.ko.KeyObjectSelectionDocument(
         evidence=referenced,
         content=content,
-        series_instance_uid=series_uid,
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid,
-        instance_number=instance_number,
-        manufacturer=device.manufacturer,
         requested_procedures=referenced_requests(referenced[0]),
-        contributing_equipment=contributing_equipment(result, device, now),
-        series_description=SERIES_DESCRIPTION,
-        manufacturer_model_name=device.model_name,
-        software_versions=device.software_version,
-        content_date=now.date(),
-        content_time=now.time(),
-        series_date=now.date(),
-        series_time=now.time(),
-        coding_schemes=[IHE_CODING_SCHEME],
+        **document_arguments(result, device, series_uid=series_uid, sop_instance_uid=sop_instance_uid,
+                             series_number=series_number, instance_number=instance_number,
+                             series_description=SERIES_DESCRIPTION, now=now),
     )
     copy_study_extras(ko, referenced[0])
     ko.InstanceCreationDate, ko.InstanceCreationTime = ko.ContentDate, ko.ContentTime

@@ -64,7 +64,6 @@ from highdicom.sr import (
     Comprehensive3DSR,
     ComprehensiveSR,
     ContainerContentItem,
-    DeviceObserverIdentifyingAttributes,
     EnhancedSR,
     FindingSite,
     GraphicTypeValues,
@@ -73,7 +72,6 @@ from highdicom.sr import (
     MeasurementReport,
     MeasurementsAndQualitativeEvaluations,
     ObservationContext,
-    ObserverContext,
     PlanarROIMeasurementsAndQualitativeEvaluations,
     QualitativeEvaluation,
     RelationshipTypeValues,
@@ -83,11 +81,10 @@ from highdicom.sr import (
     TrackingIdentifier,
 )
 from pydicom.dataset import Dataset
-from pydicom.sr.codedict import codes
 from pydicom.valuerep import DSfloat
 
-from node.results.dicom import IHE_CODING_SCHEME, contributing_equipment
-from node.results.facts import DEMO_NOTICE, MANUFACTURER, Finding, NodeDevice, Result, percent, percent_value
+from node.results.dicom import device_observer, document_arguments
+from node.results.facts import DEMO_NOTICE, Finding, NodeDevice, Result, percent, percent_value
 
 logger = logging.getLogger(__name__)
 
@@ -185,13 +182,7 @@ def build_sr(
     groups: list[Any] = [_finding_group(result, f, algorithm) for f in result.findings]
     if not groups:
         groups.append(_study_group(result, algorithm))
-    model = result.model
-    observer = ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=model.device_uid, name=model.name, manufacturer_name=MANUFACTURER, model_name=model.name
-        ),
-    )
+    observer = device_observer(result, device)
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=observer),
         procedure_reported=PROCEDURE_CHEST_CT,
@@ -203,24 +194,13 @@ def build_sr(
     sr = _SR_TYPES[sr_class](
         evidence=list(sources),
         content=report[0],
-        series_instance_uid=series_uid,
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid,
-        instance_number=instance_number,
-        manufacturer=device.manufacturer,
         is_complete=True,
         is_final=False,
         is_verified=False,
         previous_versions=[predecessor] if predecessor is not None else None,
-        contributing_equipment=contributing_equipment(result, device, now),
-        series_description=SERIES_DESCRIPTION,
-        manufacturer_model_name=device.model_name,
-        software_versions=device.software_version,
-        content_date=now.date(),
-        content_time=now.time(),
-        series_date=now.date(),
-        series_time=now.time(),
-        coding_schemes=[IHE_CODING_SCHEME],
+        **document_arguments(result, device, series_uid=series_uid, sop_instance_uid=sop_instance_uid,
+                             series_number=series_number, instance_number=instance_number,
+                             series_description=SERIES_DESCRIPTION, now=now),
     )
     sr.InstanceCreationDate, sr.InstanceCreationTime = sr.ContentDate, sr.ContentTime
     logger.info(
