@@ -175,7 +175,7 @@ def enqueue_send(
 def send_result(study_uid: str, revision: int, destination: str, force: bool = False) -> str:
     """The rq job: deliver the result objects of one analysed revision to one destination."""
     from node.context import context
-    from node.results.objects import ensure_object, kinds_for
+    from node.results.objects import SOP_CLASSES, ensure_object, kinds_for
 
     ctx = context()
     storage, cfg = ctx.storage, ctx.refresh()
@@ -194,7 +194,7 @@ def send_result(study_uid: str, revision: int, destination: str, force: bool = F
     device = ctx.device()
     kinds = kinds_for(dest)
     paths = [ensure_object(storage, device, study_uid, revision, kind) for kind in kinds]
-    made = [(p.stem, str(dcmread(p, stop_before_pixels=True, specific_tags=["SOPClassUID"]).SOPClassUID)) for p in paths]
+    made = [(p.stem, SOP_CLASSES[kind]) for kind, p in zip(kinds, paths)]
     job = get_current_job()
     attempts = int((previous or {}).get("attempts", 0)) + 1 if not force else 1
     sent = {kind: p.name for kind, p in zip(kinds, paths)}

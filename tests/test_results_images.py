@@ -302,3 +302,14 @@ def test_arguments_are_checked(headers: list[Dataset], full: dict[str, Dataset])
     off = Result(**{**result.__dict__, "findings": (Finding(1, result.shown_images[0], 600.0, 10.0, 0.9),)})
     with pytest.raises(ValueError, match='"result"'):
         build_summary_image(off, [nodule], **kw)
+
+
+def test_each_kind_has_the_sop_class_its_builder_writes(built):
+    from node.results.objects import SOP_CLASSES
+    from node.results.sr import SR_SOP_CLASSES
+
+    assert {f"sr-{c.value}": uid for c, uid in SR_SOP_CLASSES.items()} == {
+        k: v for k, v in SOP_CLASSES.items() if k.startswith("sr-")}
+    for case in built.values():
+        assert str(dcmread(case["sc"], stop_before_pixels=True).SOPClassUID) == SOP_CLASSES["sc"]
+        assert str(dcmread(case["ko"]).SOPClassUID) == SOP_CLASSES["ko"]

@@ -29,6 +29,14 @@ logger = logging.getLogger(__name__)
 
 SC, KO = "sc", "ko"
 SR_PREFIX = "sr-"
+#: The SOP class of each kind of object (SR classes as node.config.SR_CLASSES names them).
+SOP_CLASSES = {
+    "sr-comprehensive": "1.2.840.10008.5.1.4.1.1.88.33",
+    "sr-enhanced": "1.2.840.10008.5.1.4.1.1.88.22",
+    "sr-comprehensive3d": "1.2.840.10008.5.1.4.1.1.88.34",
+    SC: "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image Storage
+    KO: "1.2.840.10008.5.1.4.1.1.88.59",  # Key Object Selection Document Storage
+}
 #: Series Number of each kind of object (the SR classes share one number: a destination gets one class).
 SERIES_NUMBERS = {"sr": 9001, SC: 9002, KO: 9003}
 
