@@ -101,3 +101,25 @@ def test_simple_worker_runs_jobs_with_one_model(ctx, lung1_series, tmp_path):
     assert ctx.model is model  # loaded once, kept for every job
     for study in (study_a, study_b):
         assert ctx.storage.read_outcome(study, 1)["status"] == "analysed"
+
+
+def test_an_outcome_of_ainode_0_1_can_still_be_sent(ctx, lung1_series):
+    """After an upgrade, `results resend` of a study analysed by 0.1 builds its objects from the old outcome."""
+    from node.results.objects import ensure_object
+    from node.results.sr_read import sr_summary
+
+    study = store_series(ctx.storage, lung1_series[:20], 1)
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in lung1_series[:20]]
+    key = headers[5]
+    ctx.storage.write_outcome(study, 1, "analysed", result={
+        "series_uid": str(key.SeriesInstanceUID), "instances_used": [str(h.SOPInstanceUID) for h in headers],
+        "slices": 20, "score": 0.8, "threshold": 0.5, "positive": True, "aggregation": "top3_mean",
+        "key_images": [{"sop_class_uid": str(key.SOPClassUID), "sop_instance_uid": str(key.SOPInstanceUID),
+                        "slice_index": 5, "score": 0.8}],
+        "model": {"name": "ainode-lung-ct", "version": "1.0.0", "sha256": "ab" * 32}}, sr={})
+    device = ctx.device()
+    summary = sr_summary(ensure_object(ctx.storage, device, study, 1, "sr-comprehensive"))
+    assert (summary["qualitative"], summary["findings"], summary["key_image_uids"]) == (
+        "positive", [], [str(key.SOPInstanceUID)])
+    for kind in ("sc", "ko"):
+        assert ensure_object(ctx.storage, device, study, 1, kind).exists()

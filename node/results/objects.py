@@ -22,7 +22,7 @@ from pydicom.dataset import Dataset
 
 from node.config import Destination
 from node.errors import VolumeError
-from node.results.facts import NodeDevice, Result, object_uids
+from node.results.facts import KeyImage, ModelInfo, NodeDevice, Result, SourceImage, object_uids
 from node.store import Storage, write_atomic
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,21 @@ def recorded_result(storage: Storage, study_uid: str, revision: int) -> Result:
     outcome = storage.read_outcome(study_uid, revision)
     if outcome is None or outcome["status"] != "analysed":
         raise VolumeError(f"study {study_uid} revision {revision} has no analysis to report")
+    if "findings" not in outcome["result"]:
+        return _result_of_ainode_0_1(outcome)
     return Result.from_json(outcome["result"])
+
+
+def _result_of_ainode_0_1(outcome: dict[str, Any]) -> Result:
+    """An outcome written by ainode 0.1 (a study score and key slices, no findings) as a Result,
+    so its objects can still be built (a resend after an upgrade)."""
+    old = outcome["result"]
+    keys = tuple(KeyImage(SourceImage(k["sop_class_uid"], k["sop_instance_uid"], int(k["slice_index"])),
+                          float(k["score"])) for k in old["key_images"])
+    model = ModelInfo(old["model"]["name"], old["model"]["version"], old["model"]["sha256"], "config",
+                      old.get("aggregation", "top3_mean"), located=False)
+    return Result(outcome["study_uid"], int(outcome["revision"]), old["series_uid"], float(old["score"]),
+                  float(old["threshold"]), (), keys, model)
 
 
 def ensure_object(
@@ -80,7 +94,8 @@ def ensure_object(
         return path
     if result is None or instances_used is None:
         result = recorded_result(storage, study_uid, revision)
-        instances_used = (storage.read_outcome(study_uid, revision) or {})["instances_used"]
+        outcome = storage.read_outcome(study_uid, revision) or {}
+        instances_used = outcome.get("instances_used") or outcome["result"]["instances_used"]  # 0.1: in result
     used = instances_used
     rev = storage.read_revision(study_uid, revision)
     common: dict[str, Any] = dict(device=device, series_uid=series_uid, sop_instance_uid=sop_uid,
