@@ -140,7 +140,8 @@ def _analyse(ctx: WorkerContext, study_uid: str, revision: int) -> dict[str, Any
     loaded = time.monotonic()
     model = ctx.model
     threshold, threshold_source = ctx.threshold()
-    spacing = tuple(s if s > 0 else 1.0 for s in vol.spacing)
+    dz, dy, dx = (s if s > 0 else 1.0 for s in vol.spacing)  # a missing Pixel Spacing: 1 mm, for suppression only
+    spacing = (dz, dy, dx)
     analysis = model.analyse(vol.hu, spacing=spacing, max_peaks=ctx.cfg.model.max_findings, batch_size=ANALYSE_BATCH)
     card = model.card
     info = ModelInfo(card.name, card.version, card.sha256, threshold_source, analysis.aggregation, analysis.located)

@@ -64,6 +64,7 @@ from highdicom.sr import (
     Comprehensive3DSR,
     ComprehensiveSR,
     ContainerContentItem,
+    ContentSequence,
     EnhancedSR,
     FindingSite,
     GraphicTypeValues,
@@ -269,13 +270,13 @@ def _probability(p: float) -> Measurement:
 def _qualitative_evaluations(result: Result) -> ContainerContentItem:
     """TID 1500 row 12: the result in words (first) and as a coded presence of a suspicious nodule."""
     container = ContainerContentItem(name=QUALITATIVE_EVALUATIONS, relationship_type=RelationshipTypeValues.CONTAINS)
-    container.ContentSequence = [
+    container.ContentSequence = ContentSequence([
         TextContentItem(name=IMPRESSION, value=result.summary(), relationship_type=RelationshipTypeValues.CONTAINS),
         CodeContentItem(
             name=FINDING_NODULE, value=PRESENT if result.positive else ABSENT,
             relationship_type=RelationshipTypeValues.CONTAINS,
         ),
-    ]
+    ])
     return container
 
 
