@@ -132,6 +132,27 @@ def test_semi_synthetic_set_is_deterministic_and_labelled_by_its_nodules(lung1_i
     assert not np.array_equal(other.load(other.cases()[0]).hu, a.load(a.cases()[0]).hu)
 
 
+def test_thin_slice_synthetic_volume_has_its_spacing_and_its_nodule_slices_labelled(lung1_image_path):
+    source = SyntheticSource(volumes=40, slices_per_volume=6, seed=3, lung1_path=lung1_image_path, thin_slices=True)
+    plans = [source.plan(c) for c in source.cases()]
+    assert any(p.slice_mm == 5.0 for p in plans) and any(p.slice_mm < 5.0 for p in plans)
+    plain = SyntheticSource(volumes=40, slices_per_volume=6, seed=3, lung1_path=lung1_image_path)
+    assert {p.slice_mm for p in (plain.plan(c) for c in plain.cases())} == {5.0}  # the bundled config's set
+    case = next(c for c, p in zip(source.cases(), plans) if p.slice_mm <= 2.0 and c.label == MALIGNANT)
+    dz = source.plan(case).slice_mm
+    vol = source.load(case)
+    assert vol.spacing[0] == pytest.approx(dz) and vol.hu.shape[0] == 6
+    malignant = [n for n in vol.nodules if n.label == MALIGNANT]
+    assert malignant
+    for n in malignant:
+        core = [k for k in range(6) if abs(k - n.z) * dz <= 0.6 * n.diameter_mm / 2] or [int(round(n.z))]
+        assert all(vol.slice_labels[k] == MALIGNANT for k in core)
+        assert vol.slice_labels[int(round(n.z))] == MALIGNANT
+    # the detection metrics see the volume's own spacing
+    s = build_slices(source, [case], size=16, context=1, keep_ignored=True)
+    assert s.geometry[0].spacing[0] == pytest.approx(dz)
+
+
 def test_split_is_by_patient_and_an_empty_split_is_named():
     cases = [Case(f"s{i}", f"p{i // 2}", i % 4 == 0) for i in range(40)]
     cases = [Case(c.case_id, c.patient_id, int(c.label)) for c in cases]

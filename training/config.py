@@ -31,6 +31,7 @@ class DataConfig:
     lung1: str = ""  # lung1_image.nrrd; "" = $AINODE_CACHE or ~/.cache/ainode
     lung1_slices: tuple[int, int] = (0, 28)  # half-open range of lung1 slices used as anatomy
     pydicom_ct_share: float = 0.1  # share of volumes built on pydicom's CT_small.dcm
+    thin_slices: bool = False  # volumes at 1-5 mm slice spacing (anatomy resampled along z); false: all 5 mm
     # dicom folder + labels.csv
     root: str = ""
     labels: str = ""

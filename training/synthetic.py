@@ -9,10 +9,15 @@ Anatomy (real pixels, HU):
 - pydicom's ``CT_small.dcm`` (one 128 x 128 chest slice, 0.66 mm pixels),
   repeated along z as a thin slab.
 
-Each volume is a window of consecutive slices, warped in-plane (flip, rotation
-+-8 degrees, scale 0.85..1.15 for body size, shift), with 0, 1 or 2 nodules
-drawn inside the lungs, then a reconstruction kernel (as is, softer or
-sharper) and noise (0-20 HU). A nodule has four traits, and the traits alone decide
+Each volume is a window of consecutive slices at its own slice spacing (=
+thickness), drawn from 1, 1.25, 2, 2.5, 3 and 5 mm (40 % of the volumes keep
+the anatomy's own 5 mm, as lung1-like studies have): the 5 mm anatomy is
+resampled along z to that spacing (linear interpolation of HU) before anything
+is drawn into it, and the window keeps ``slices_per_volume`` slices, so a
+thin-slice volume covers less of the body along z. The window is warped
+in-plane (flip, rotation +-8 degrees, scale 0.85..1.15 for body size, shift),
+given 0, 1 or 2 nodules drawn inside the lungs, then a reconstruction kernel
+(as is, softer or sharper) and noise (0-20 HU). A nodule has four traits, and the traits alone decide
 its label (:func:`is_malignant`):
 
     malignant  <=>  no calcification  AND  ( spiculated margin and diameter >= 6 mm
@@ -24,9 +29,12 @@ its label (:func:`is_malignant`):
 benign; size and a solid component raise suspicion; spiculation is suspicious
 at any size above 6 mm). A study is malignant when any of its nodules is.
 
-Nodules are rendered in HU at the anatomy's own resolution, with partial
-volume along z (five sub-samples across each 5 mm slice), so the model sees
-them through ``node.preprocessing`` exactly as it sees real studies.
+Nodules are rendered in HU at the volume's resolution (the anatomy's pixels,
+the volume's slice spacing), with partial volume along z (five sub-samples
+spanning each slice's thickness, which equals the spacing), so the model sees
+them through ``node.preprocessing`` exactly as it sees real studies. The
+volume's spacing is recorded in its :class:`~training.data.Volume`, which the
+map targets and the FROC matching use.
 
 Everything is deterministic from the seed: case ``i`` draws from its own
 random streams, so any case can be rebuilt alone.
@@ -51,6 +59,8 @@ MARGINS = ("smooth", "lobulated", "spiculated")
 CALCIFICATIONS = ("none", "central", "popcorn", "diffuse")
 DIAMETER_RANGE_MM = (4.0, 30.0)
 NODULE_COUNT_P = (0.15, 0.45, 0.40)  # P(0, 1, 2 nodules in a volume)
+SLICE_MM = (1.0, 1.25, 2.0, 2.5, 3.0, 5.0)  # slice spacing = thickness of a volume
+SLICE_MM_P = (0.10, 0.10, 0.10, 0.15, 0.15, 0.40)  # a good share at the anatomy's own 5 mm (lung1-like)
 
 RULE = (
     "malignant iff no calcification and (spiculated margin with diameter >= 6 mm, or solid with "
@@ -219,6 +229,18 @@ def warp_bilinear(block: np.ndarray, sy: np.ndarray, sx: np.ndarray, fill: float
     return out
 
 
+def resample_z(block: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Slices of ``block`` (z, h, w) at fractional slice positions ``pos``, linearly interpolated along z
+    (whole positions return the slices themselves, exactly)."""
+    i0 = np.clip(np.floor(pos).astype(np.intp), 0, block.shape[0] - 1)
+    i1 = np.minimum(i0 + 1, block.shape[0] - 1)
+    wgt = (pos - i0).astype(np.float32)[:, None, None]
+    out = block[i0].astype(np.float32)
+    if np.any(wgt > 0):
+        out = np.where(wgt > 0, (1 - wgt) * out + wgt * block[i1], out).astype(np.float32)
+    return out
+
+
 # --------------------------------------------------------------------------- nodules
 
 
@@ -240,7 +262,9 @@ def insert_nodule(
 ) -> tuple[list[int], list[int]]:
     """Draw one nodule into ``hu`` (float32 (z, y, x), in place) centred at voxel ``centre``.
 
-    Returns (core slices, touched slices): the slices that show the nodule's
+    ``spacing[0]`` is the slice spacing and thickness: the five partial-volume
+    sub-samples of each slice span +-0.4 of it. Returns (core slices, touched
+    slices): the slices that show the nodule's
     middle (|dz| <= 0.6 r, at least the nearest one) and all slices it reaches.
     """
     dz, dy, dx = spacing
@@ -284,7 +308,7 @@ def insert_nodule(
     x_lo, x_hi = max(0, int(xc - reach / dx) - 1), min(hu.shape[2], int(xc + reach / dx) + 2)
     py = ((np.arange(y_lo, y_hi) - yc) * dy)[:, None]
     px = ((np.arange(x_lo, x_hi) - xc) * dx)[None, :]
-    subs = np.linspace(-0.4, 0.4, 5) * dz
+    subs = np.linspace(-0.4, 0.4, 5) * dz  # across the slice's thickness (= its spacing)
     touched = []
     for k in z_all:
         base = hu[k, y_lo:y_hi, x_lo:x_hi]
@@ -375,6 +399,7 @@ class VolumePlan:
     kernel: str = "standard"  # standard (as acquired) | soft (Gaussian blur) | sharp (unsharp mask)
     kernel_sigma_mm: float = 0.0
     kernel_amount: float = 0.0  # sharp: x + amount * (x - blur(x))
+    slice_mm: float = 5.0  # slice spacing = thickness; the anatomy is resampled along z to it
 
     @property
     def label(self) -> int:
@@ -393,6 +418,7 @@ class SyntheticSource:
         lung1_path: Path | str | None = None,
         lung1_slices: tuple[int, int] = (0, 28),
         pydicom_ct_share: float = 0.1,
+        thin_slices: bool = False,
     ) -> None:
         self.n = volumes
         self.depth = slices_per_volume
@@ -400,6 +426,7 @@ class SyntheticSource:
         self.lung1_path = Path(lung1_path) if lung1_path else default_lung1_path()
         self.lung1_slices = lung1_slices
         self.ct_share = pydicom_ct_share
+        self.thin_slices = thin_slices
         self._anatomy: dict[str, Anatomy] = {}
         self._plans = [self._plan(i) for i in range(volumes)]
 
@@ -423,7 +450,8 @@ class SyntheticSource:
             anatomy=anatomy, z0=z0, flip=bool(rng.random() < 0.5), angle=float(rng.uniform(-8, 8)),
             scale=float(rng.uniform(0.85, 1.15)), shift=(float(rng.uniform(-0.04, 0.04)), float(rng.uniform(-0.04, 0.04))),
             noise_hu=float(rng.uniform(0, 20)), nodules=tuple(sample_traits(rng) for _ in range(count)),
-            **_kernel(rng),  # drawn last, so the draws above (and the labels) do not depend on it
+            **_kernel(rng),  # drawn after the rest, so the draws above (and the labels) do not depend on it
+            slice_mm=float(SLICE_MM[rng.choice(len(SLICE_MM), p=SLICE_MM_P)]) if self.thin_slices else 5.0,  # last
         )
 
     def plan(self, case: Case) -> VolumePlan:
@@ -437,13 +465,18 @@ class SyntheticSource:
         plan = self._plans[i]
         rng = np.random.default_rng([self.seed, i, 1])
         anat = self.anatomy(plan.anatomy)
-        depth = min(self.depth, anat.hu.shape[0] - plan.z0)
-        block = anat.hu[plan.z0 : plan.z0 + depth]
+        spacing = (plan.slice_mm,) + tuple(anat.spacing[1:])
+        # source slice positions of the volume's slices: from slice z0 on, one every slice_mm
+        step = plan.slice_mm / anat.spacing[0]
+        last = anat.hu.shape[0] - 1
+        depth = min(self.depth, int(np.floor((last - plan.z0) / step + 1e-6)) + 1)
+        pos = plan.z0 + np.arange(depth) * step
+        block = resample_z(anat.hu, pos)
         h, w = block.shape[1:]
         sy, sx = _affine_grid(h, w, plan.flip, plan.angle, plan.scale, plan.shift)
         hu = warp_bilinear(block, sy, sx, fill=-1000.0)
         f = anat.factor
-        lung = anat.lung[plan.z0 : plan.z0 + depth]
+        lung = resample_z(anat.lung.astype(np.float32), pos) > 0.5
         cy, cx = _affine_grid(lung.shape[1], lung.shape[2], plan.flip, plan.angle, plan.scale, plan.shift)
         lung = warp_bilinear(lung.astype(np.float32), cy, cx, fill=0.0) > 0.5
         labels = np.zeros(depth, dtype=np.int8)
@@ -451,11 +484,11 @@ class SyntheticSource:
         nodules: list[Nodule] = []
         placed: list[tuple[np.ndarray, float]] = []
         for traits in plan.nodules:
-            centre = self._place(lung, f, anat.spacing, traits, placed, rng, (h, w))
+            centre = self._place(lung, f, spacing, traits, placed, rng, (h, w))
             if centre is None:
                 logger.warning("%s: no room for a %.1f mm nodule", case.case_id, traits.diameter_mm)
                 continue
-            core, touched = insert_nodule(hu, anat.spacing, centre, traits, rng)
+            core, touched = insert_nodule(hu, spacing, centre, traits, rng)
             label = MALIGNANT if is_malignant(traits) else BENIGN
             findings.extend(Finding(k, centre[1], centre[2], label) for k in core)
             nodules.append(Nodule(centre[0], centre[1], centre[2], traits.diameter_mm, label))
@@ -467,7 +500,7 @@ class SyntheticSource:
         if plan.label == MALIGNANT and not (labels == MALIGNANT).any():  # pragma: no cover - placement failed
             raise DataError(f"{case.case_id}: malignant nodule could not be placed")
         out = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
-        return Volume(case, out, anat.spacing, labels, findings, nodules)
+        return Volume(case, out, spacing, labels, findings, nodules)
 
     @staticmethod
     def _place(
@@ -501,7 +534,8 @@ class SyntheticSource:
         return (
             f"semi-synthetic, demo only, not for clinical use: {self.n} volumes of {self.depth} slices built on real "
             f"chest CT anatomy (pyradiomics lung1 slices {lo}-{hi - 1}, one patient; pydicom CT_small.dcm, "
-            f"{self.ct_share:.0%} of volumes), each warped and given 0-2 inserted nodules labelled by rule: {RULE}. "
+            f"{self.ct_share:.0%} of volumes), each resampled to a slice spacing of 1-5 mm "
+            f"({SLICE_MM_P[-1]:.0%} at 5 mm), warped and given 0-2 inserted nodules labelled by rule: {RULE}. "
             f"Seed {self.seed}. Split by volume; all volumes share the same few real anatomies, so the metrics "
             "measure recognition of the rule's traits, not generalisation to new patients."
         )
@@ -516,4 +550,5 @@ def summarize(plans: Sequence[VolumePlan]) -> dict[str, int]:
         "nodules": len(nodules),
         "malignant_nodules": sum(is_malignant(t) for t in nodules),
         "ct_small_volumes": sum(p.anatomy == "ct_small" for p in plans),
+        "thin_slice_volumes": sum(p.slice_mm < 5.0 for p in plans),
     }

@@ -65,7 +65,8 @@ def make_source(cfg: RunConfig, lung1: Path | None = None) -> Source:
     if d.source == "synthetic":
         return SyntheticSource(volumes=d.volumes, slices_per_volume=d.slices_per_volume, seed=cfg.seed,
                                lung1_path=lung1 or (Path(d.lung1) if d.lung1 else default_lung1_path()),
-                               lung1_slices=d.lung1_slices, pydicom_ct_share=d.pydicom_ct_share)
+                               lung1_slices=d.lung1_slices, pydicom_ct_share=d.pydicom_ct_share,
+                               thin_slices=d.thin_slices)
     if d.source == "dicom":
         if not d.root or not d.labels:
             raise ConfigError("data.root and data.labels are required for source 'dicom'")
