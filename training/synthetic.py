@@ -534,8 +534,10 @@ class SyntheticSource:
         return (
             f"semi-synthetic, demo only, not for clinical use: {self.n} volumes of {self.depth} slices built on real "
             f"chest CT anatomy (pyradiomics lung1 slices {lo}-{hi - 1}, one patient; pydicom CT_small.dcm, "
-            f"{self.ct_share:.0%} of volumes), each resampled to a slice spacing of 1-5 mm "
-            f"({SLICE_MM_P[-1]:.0%} at 5 mm), warped and given 0-2 inserted nodules labelled by rule: {RULE}. "
+            f"{self.ct_share:.0%} of volumes), "
+            + (f"each resampled to a slice spacing of 1-5 mm ({SLICE_MM_P[-1]:.0%} at 5 mm), " if self.thin_slices
+               else "all at 5 mm slices, ")
+            + f"each warped and given 0-2 inserted nodules labelled by rule: {RULE}. "
             f"Seed {self.seed}. Split by volume; all volumes share the same few real anatomies, so the metrics "
             "measure recognition of the rule's traits, not generalisation to new patients."
         )
