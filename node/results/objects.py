@@ -57,14 +57,14 @@ def all_kinds(destinations: Iterable[Destination], default_sr_class: str = "comp
     return sorted(kinds, key=lambda k: (not k.startswith(SR_PREFIX), k))
 
 
-def recorded_result(storage: Storage, study_uid: str, revision: int) -> Result:
-    """The result recorded in a revision's outcome; VolumeError if it has none."""
+def recorded_result(storage: Storage, study_uid: str, revision: int) -> tuple[Result, list[str]]:
+    """The result recorded in a revision's outcome and the instances it analysed; VolumeError if it has none."""
     outcome = storage.read_outcome(study_uid, revision)
     if outcome is None or outcome["status"] != "analysed":
         raise VolumeError(f"study {study_uid} revision {revision} has no analysis to report")
     if "findings" not in outcome["result"]:
-        return _result_of_ainode_0_1(outcome)
-    return Result.from_json(outcome["result"])
+        return _result_of_ainode_0_1(outcome), list(outcome["result"]["instances_used"])
+    return Result.from_json(outcome["result"]), list(outcome["instances_used"])
 
 
 def _result_of_ainode_0_1(outcome: dict[str, Any]) -> Result:
@@ -93,17 +93,14 @@ def ensure_object(
     if path.exists():
         return path
     if result is None or instances_used is None:
-        result = recorded_result(storage, study_uid, revision)
-        outcome = storage.read_outcome(study_uid, revision) or {}
-        instances_used = outcome.get("instances_used") or outcome["result"]["instances_used"]  # 0.1: in result
-    used = instances_used
+        result, instances_used = recorded_result(storage, study_uid, revision)
     rev = storage.read_revision(study_uid, revision)
     common: dict[str, Any] = dict(device=device, series_uid=series_uid, sop_instance_uid=sop_uid,
                                   instance_number=revision)
     if kind.startswith(SR_PREFIX):
         from node.results.sr import build_sr
 
-        sources = _evidence(storage, result, rev.instances, used)
+        sources = _evidence(storage, result, rev.instances, instances_used)
         ds = build_sr(result, sources, predecessor=_predecessor(storage, device, study_uid, revision, kind),
                       series_number=SERIES_NUMBERS["sr"], sr_class=kind.removeprefix(SR_PREFIX), **common)
     elif kind == SC:
