@@ -399,6 +399,18 @@ class AuditTrail:
                              self._us().to_json()],
         })
 
+    def connection_dropped(self, calling: str, address: str, port: int, reason: str) -> None:
+        """Security Alert / Node Authentication: the node dropped a connection (stalled, oversized, malformed)."""
+        self.record({
+            "event_id": EventID.SECURITY_ALERT.to_json(),
+            "event_type": [EventType.NODE_AUTHENTICATION.to_json()],
+            "action": Action.EXECUTE.value, "outcome": int(Outcome.MINOR_FAILURE),
+            "outcome_description": f"connection dropped: {reason}",
+            "participants": [Participant(calling or "?", True, address=address,
+                                         ae_title=calling or None).to_json() | {"port": port},
+                             self._us().to_json()],
+        })
+
     def instance_stored(self, calling: str, address: str, study_uid: str, series_uid: str, sop_uid: str,
                         sop_class: str, replaced: bool) -> None:
         """DICOM Instances Transferred, as the receiver: C for a new instance, U for a replaced one."""

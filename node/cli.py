@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import os
 import sys
 from dataclasses import replace
@@ -19,9 +20,29 @@ logger = logging.getLogger("node")
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+class EscapeControl(logging.Filter):
+    """Control characters in a message (peer text that reached it: AE titles, library errors) as \\xNN.
+
+    One record is one line: nothing a peer sends can fake a line, move the
+    cursor or colour a terminal. Tracebacks are formatted apart and kept.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if _CONTROL.search(message):
+            record.msg = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", message)
+            record.args = None
+        return True
+
+
 def setup_logging(level: str) -> None:
     """Configure the root logger; pynetdicom's own chatter stays at WARNING."""
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(EscapeControl())
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 

@@ -27,6 +27,8 @@ KEY_QUIET = "ainode:completion:quiet"
 KEY_DEADLINE = "ainode:completion:deadline"
 #: Set when the timers are known to be complete; its absence means Redis lost them.
 KEY_EPOCH = "ainode:epoch"
+#: How often a receiving process without a completion loop writes its studies' timers.
+ARM_EVERY_S = 0.5
 
 
 class Completion:
@@ -47,6 +49,9 @@ class Completion:
         self.clock = clock
         self._needs_reconcile = threading.Event()
         self._redis_down_since: float | None = None
+        self._dirty: dict[str, tuple[float, float]] = {}  # study -> (first, last) instance since the last flush
+        self._armed_lock = threading.Lock()
+        self._stopped = threading.Event()
 
     def update_config(self, cfg: CompletionConfig) -> None:
         """Apply new times; timers already armed keep their due times."""
@@ -55,22 +60,53 @@ class Completion:
     # --- the C-STORE path ----------------------------------------------------------
 
     def instance_stored(self, study_uid: str) -> None:
-        """(Re)arm the study's timers. Never raises: the instance is already safe on disk."""
+        """Note that the study has a new instance; its timers are written at the next flush.
+
+        Never raises and never waits on Redis: the instance is already safe on
+        disk. A study arriving at hundreds of instances a second costs Redis one
+        round trip per flush (each tick of the completion loop, or each
+        ``ARM_EVERY_S`` in a receiving process without one), not one per instance.
+        """
         now = self.clock()
+        with self._armed_lock:
+            first, _ = self._dirty.get(study_uid, (now, now))
+            self._dirty[study_uid] = (first, now)
+
+    def flush(self) -> None:
+        """Write the timers of every study noted since the last flush."""
+        with self._armed_lock:
+            dirty, self._dirty = self._dirty, {}
+        if not dirty:
+            return
         try:
             pipe = self.redis.pipeline(transaction=False)
-            pipe.zadd(KEY_QUIET, {study_uid: now + self.cfg.quiet_seconds})
-            pipe.zadd(KEY_DEADLINE, {study_uid: now + self.cfg.max_wait_seconds}, nx=True)
+            pipe.zadd(KEY_QUIET, {study: last + self.cfg.quiet_seconds for study, (_, last) in dirty.items()})
+            pipe.zadd(KEY_DEADLINE, {study: first + self.cfg.max_wait_seconds for study, (first, _) in dirty.items()},
+                      nx=True)
             pipe.execute()
         except RedisError as exc:
-            # The file is on disk; the timers are rebuilt from disk once Redis is back.
+            # The files are on disk; the timers are rebuilt from disk once Redis is back.
             self._needs_reconcile.set()
-            logger.warning("Study %s: stored, but Redis is unreachable (%s); will re-arm from disk", study_uid, exc)
+            logger.warning("%d stud%s stored, but Redis is unreachable (%s); will re-arm from disk",
+                           len(dirty), "y" if len(dirty) == 1 else "ies", exc)
+
+    def start_flusher(self) -> None:
+        """Flush every ``ARM_EVERY_S`` in a thread: for a receiving process that runs no completion loop."""
+        def loop() -> None:
+            while not self._stopped.wait(ARM_EVERY_S):
+                self.flush()
+
+        threading.Thread(target=loop, name="completion-flush", daemon=True).start()
+
+    def stop_flusher(self) -> None:
+        self._stopped.set()
+        self.flush()
 
     # --- the completion loop -------------------------------------------------------
 
     def tick(self) -> int:
         """Queue every study whose timer is due; returns how many revisions were queued."""
+        self.flush()
         try:
             if self._needs_reconcile.is_set() or not self.redis.exists(KEY_EPOCH):
                 if not self._needs_reconcile.is_set():

@@ -97,6 +97,9 @@ class NodeConfig:
     max_associations: int = 32
     max_pdu: int = 131072
     min_free_mb: int = 1024
+    max_connections_per_host: int = 16
+    associate_timeout_seconds: float = 10.0
+    idle_timeout_seconds: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -338,6 +341,12 @@ def parse(data: Mapping[str, Any], origin: str = "<config>", base: Path | None =
         raise ck.fail("[node] max_pdu", f"must be 0 (unlimited) or between 4096 and 4294967295, got {node.max_pdu}")
     if node.min_free_mb < 0:
         raise ck.fail("[node] min_free_mb", f"must be 0 or more, got {node.min_free_mb}")
+    if not 1 <= node.max_connections_per_host <= 1000:
+        raise ck.fail("[node] max_connections_per_host",
+                      f"must be between 1 and 1000, got {node.max_connections_per_host}")
+    for key in ("associate_timeout_seconds", "idle_timeout_seconds"):
+        if not 0 < getattr(node, key) <= 3600:
+            raise ck.fail(f"[node] {key}", f"must be more than 0 and at most 3600, got {getattr(node, key):g}")
     storage = node.storage.expanduser()
     if not storage.is_absolute():
         storage = here / storage

@@ -15,7 +15,6 @@ import threading
 import time
 from dataclasses import replace
 from types import FrameType
-from typing import Any
 
 from redis import Redis
 
@@ -26,9 +25,9 @@ from node.config import Config
 from node.embedded_redis import EmbeddedRedis
 from node.enqueue import JobQueue, redis_client
 from node.errors import AinodeError, ConfigError
-from node.receive import Policy, Receiver, build_ae, handlers
+from node.receive import Limits, Policy, Receiver, Server
 from node.store import Storage
-from node.tls import server_context, start_tls_server
+from node.tls import server_context
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +118,7 @@ class Node:
         self.next_purge = 0.0  # at the first tick, then hourly
         self.storage = Storage(cfg.node.storage)
         self.embedded: EmbeddedRedis | None = None
-        self.server: Any = None  # the plain SCP (None with node.port = 0)
-        self.tls_server: Any = None
+        self.server: Server | None = None
         self.audit: AuditTrail | None = None
 
     def start(self) -> None:
@@ -133,17 +131,14 @@ class Node:
         self.completion.reconcile()
         self.policy = Policy(cfg.node.ae_title, cfg.callers)
         self.receiver = Receiver(self.storage, self.completion, self.policy, cfg.node.min_free_mb, self.audit)
-        self.ae = build_ae(cfg)
+        self.server = Server(self.receiver, Limits.of(cfg))
+        self.server.tls_context = tls_context
         ports = []
         if cfg.node.port:
-            self.server = self.ae.start_server(
-                (cfg.node.host, cfg.node.port), block=False, evt_handlers=handlers(self.receiver)
-            )
+            self.server.listen(cfg.node.host, cfg.node.port)
             ports.append(f"{cfg.node.host}:{cfg.node.port}")
         if tls_context is not None:
-            self.tls_server = start_tls_server(
-                self.ae, (cfg.node.host, cfg.tls.port), tls_context, handlers(self.receiver), self.audit.tls_refused
-            )
+            self.server.listen(cfg.node.host, cfg.tls.port, tls=True)
             required = ", client certificate required" if cfg.tls.require_client_cert else ""
             ports.append(f"{cfg.node.host}:{cfg.tls.port} (TLS{required})")
         if not cfg.callers:
@@ -191,7 +186,8 @@ class Node:
         old = self.cfg
         try:
             new = config_mod.load(self.cfg.source)
-            tls_context = server_context(new.tls, str(new.source)) if self.tls_server and new.tls.enabled else None
+            tls_context = (server_context(new.tls, str(new.source))
+                           if self.server and self.server.tls_context and new.tls.enabled else None)
         except ConfigError as exc:
             logger.error("SIGHUP: config not reloaded, keeping the running one: %s", exc)
             self._audit_reload(True, Outcome.SERIOUS_FAILURE, f"config not reloaded: {exc}")
@@ -206,11 +202,11 @@ class Node:
                 logger.warning("SIGHUP: [tls] %s changed; it takes effect at the next restart", key)
         if new.audit != old.audit:
             logger.warning("SIGHUP: [audit] changed; it takes effect at the next restart")
+        assert self.server is not None
         if tls_context is not None:
-            self.tls_server.ssl_context = tls_context  # new connections get the new certificate, key and CA
+            self.server.tls_context = tls_context  # new connections get the new certificate, key and CA
         self.policy.update(new.node.ae_title, new.callers)
-        self.ae.maximum_associations = new.node.max_associations
-        self.ae.maximum_pdu_size = new.node.max_pdu
+        self.server.limits = Limits.of(new)
         self.receiver.min_free_mb = new.node.min_free_mb
         self.completion.update_config(new.completion)
         kept = replace(new.node, host=old.node.host, port=old.node.port, storage=old.node.storage)
@@ -230,18 +226,21 @@ class Node:
 
     def stop(self) -> None:
         """Stop accepting, let open associations finish (bounded), stop Redis, audit the stop."""
-        servers = [s for s in (self.server, self.tls_server) if s is not None]
-        for server in servers:
-            server.shutdown()
-        if servers:
+        server = self.server
+        if server is not None:
+            server.stop_listening()
             deadline = time.monotonic() + DRAIN_S
-            while self.ae.active_associations and time.monotonic() < deadline:
+            while server.open_connections and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if self.ae.active_associations:
-                logger.warning("Aborting %d association(s) still open at stop", len(self.ae.active_associations))
-                for assoc in self.ae.active_associations:
-                    assoc.abort()
-            self.server = self.tls_server = None
+            if server.open_connections:
+                logger.warning("Aborting %d connection(s) still open at stop", server.abort_all())
+                deadline = time.monotonic() + 2.0
+                while server.open_connections and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            self.server = None
+            completion = getattr(self, "completion", None)
+            if completion is not None:
+                completion.flush()  # the timers of the last instances stored
         if self.pool is not None:
             self.pool.stop()
         if self.embedded is not None:

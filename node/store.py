@@ -33,15 +33,18 @@ logger = logging.getLogger(__name__)
 
 UID_MAX_LENGTH = 64
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_STRICT_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")  # PS3.5 9.1: no leading zero in a component
 _REVISION_FILE = re.compile(r"^rev-(\d{4,})\.json$")
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 
 
-def check_uid(uid: object, name: str = "UID") -> str:
+def check_uid(uid: object, name: str = "UID", strict: bool = False) -> str:
     """Return ``uid`` if it is a DICOM UID safe to use as a path part, else raise.
 
-    A UID is digits separated by single dots, at most 64 characters (PS3.5 9.1).
+    A UID is digits separated by single dots, at most 64 characters (PS3.5 9.1);
+    ``strict`` (what a received instance must meet) also refuses a component
+    with a leading zero. Paths of what is already stored are checked leniently.
     """
     if not isinstance(uid, str) or not uid:
         raise InvalidUIDError(f"{name} is missing")
@@ -49,6 +52,8 @@ def check_uid(uid: object, name: str = "UID") -> str:
         raise InvalidUIDError(f"{name} is {len(uid)} characters long, more than {UID_MAX_LENGTH}")
     if not _UID.match(uid):
         raise InvalidUIDError(f"{name} {uid[:80]!r} is not digits separated by dots")
+    if strict and not _STRICT_UID.match(uid):
+        raise InvalidUIDError(f"{name} {uid!r} has a component with a leading zero")
     return uid
 
 
@@ -90,6 +95,38 @@ def write_atomic(
             pass
         raise
     fsync_dir(path.parent)
+
+
+class Partial:
+    """An instance being written in tmp/: written as it arrives, then committed or discarded."""
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self.fd = fd
+        self.path = path
+        self.size = 0
+        self.committed = False
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            self.size += n
+            view = view[n:]
+
+    def sync(self) -> None:
+        os.fsync(self.fd)
+
+    def discard(self) -> None:
+        """Close the file; remove it unless it was committed. Idempotent."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if not self.committed:
+            self.committed = True
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
 
 
 @dataclass(frozen=True)
@@ -186,27 +223,32 @@ class Storage:
 
         Returns (final path, True if it replaced a file of the same SOP Instance UID).
         """
-        final = self.instance_path(study_uid, series_uid, sop_uid)
-        self.ensure_dir(final.parent)
-        replaced = final.exists()
-        fd, tmp = tempfile.mkstemp(dir=self.tmp, suffix=".part")
+        partial = self.open_partial()
         try:
             for chunk in chunks:
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view):]
-            os.fsync(fd)
-            os.close(fd)
-            fd = -1
-            os.replace(tmp, final)
-        except BaseException:
-            if fd >= 0:
-                os.close(fd)
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+                partial.write(chunk)
+            return self.commit_partial(partial, study_uid, series_uid, sop_uid)
+        finally:
+            partial.discard()
+
+    def open_partial(self) -> "Partial":
+        """A new file in tmp/ that an instance is written into as it arrives."""
+        fd, tmp = tempfile.mkstemp(dir=self.tmp, suffix=".part")
+        return Partial(fd, Path(tmp))
+
+    def commit_partial(self, partial: "Partial", study_uid: str, series_uid: str, sop_uid: str) -> tuple[Path, bool]:
+        """fsync the partial file, rename it to its final name, fsync the folder.
+
+        Folders are made only now, once the file is whole and on disk, so a
+        refused or failed instance leaves no empty study or series folder.
+        Returns (final path, True if it replaced a file of the same SOP Instance UID).
+        """
+        final = self.instance_path(study_uid, series_uid, sop_uid)
+        partial.sync()
+        self.ensure_dir(final.parent)
+        replaced = final.exists()
+        os.replace(partial.path, final)
+        partial.committed = True
         fsync_dir(final.parent)
         return final, replaced
 
