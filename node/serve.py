@@ -123,6 +123,9 @@ class Node:
 
     def start(self) -> None:
         cfg = self.cfg
+        # The SCP uses pynetdicom only to decode A-ASSOCIATE-RQs; a hostile one makes it log tracebacks
+        # that say less than the one line node.receive writes for the same connection.
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
         self.storage.prepare()
         self.audit = open_trail(cfg.audit_path, cfg.node.ae_title, "serve", cfg.audit.syslog)
         tls_context = server_context(cfg.tls, str(cfg.source or "config")) if cfg.tls.enabled else None

@@ -185,8 +185,8 @@ class RedisServer:
 
 def write_config(path: Path, *, port: int, storage: Path, redis_url: str = "", quiet: float = 1.0,
                  max_wait: float = 1800, min_free_mb: int = 1, callers: Iterable[tuple[str, str | None]] = (),
-                 ae_title: str = "AINODE", extra: str = "") -> Path:
-    """A config file for a test node."""
+                 ae_title: str = "AINODE", extra: str = "", node_extra: str = "") -> Path:
+    """A config file for a test node; ``node_extra``: more lines of its [node] table."""
     lines = [
         "[node]",
         f'ae_title = "{ae_title}"',
@@ -194,6 +194,7 @@ def write_config(path: Path, *, port: int, storage: Path, redis_url: str = "", q
         f"port = {port}",
         f'storage = "{storage}"',
         f"min_free_mb = {min_free_mb}",
+        *([node_extra] if node_extra else []),
         "[completion]",
         f"quiet_seconds = {quiet}",
         f"max_wait_seconds = {max_wait}",
@@ -211,14 +212,14 @@ class NodeProcess:
 
     def __init__(self, workdir: Path, *, redis_url: str = "", quiet: float = 1.0, max_wait: float = 1800,
                  min_free_mb: int = 1, callers: Iterable[tuple[str, str | None]] = (), port: int | None = None,
-                 workers: int = -1, extra_config: str = "") -> None:
+                 workers: int = -1, extra_config: str = "", node_config: str = "") -> None:
         self.workdir = workdir
         self.workers = workers
         self.port = port or free_port()
         self.storage = workdir / "storage"
         self.config = write_config(
             workdir / "ainode.toml", port=self.port, storage=self.storage, redis_url=redis_url, quiet=quiet,
-            max_wait=max_wait, min_free_mb=min_free_mb, callers=callers, extra=extra_config,
+            max_wait=max_wait, min_free_mb=min_free_mb, callers=callers, extra=extra_config, node_extra=node_config,
         )
         self.log = workdir / "node.log"
         self.proc: subprocess.Popen[bytes] | None = None

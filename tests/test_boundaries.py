@@ -65,3 +65,16 @@ def test_data_moves_forward_only():
         bad = {m for m in imports_of(REPO / rel) if any(m == b or m.startswith(b + ".") for b in banned)}
         assert not bad, f"{rel} imports {sorted(bad)}"
     assert "node.send.enqueue_send" in imports_of(REPO / "node" / "worker.py")
+
+
+def test_a_wheel_holds_every_module_and_the_bundled_model(tmp_path):
+    """A non-editable install (the systemd instructions) must get every subpackage, not only the top ones."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path), str(REPO)], check=True, capture_output=True, timeout=240)
+    import zipfile
+
+    (wheel,) = tmp_path.glob("ainode-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    wanted = {p.relative_to(REPO).as_posix() for top in ("node", "training") for p in (REPO / top).rglob("*.py")}
+    assert wanted - names == set()
+    assert {"node/models/ainode-lung-ct.onnx", "node/models/ainode-lung-ct.card.json"} <= names

@@ -106,6 +106,7 @@ class Association:
         self.command = bytearray()
         self.message: _Message | None = None
         self.stopping = False
+        self.spare: Partial | None = None  # the next instance's partial file, opened while the peer turns around
 
     # --- the connection's life ----------------------------------------------------------
 
@@ -133,6 +134,8 @@ class Association:
         finally:
             if self.message is not None:
                 self.message.discard()
+            if self.spare is not None:
+                self.spare.discard()
             self._close()
             self.server.closed(self)
 
@@ -381,13 +384,13 @@ class Association:
         self.reader.stream(size, deadline, self.command.extend)
         if not last:
             return
+        data = bytes(self.command)
+        self.command.clear()
         try:
-            command = dimse.decode_command(self.command)
+            command = dimse.decode_command(data)
             field = command.field
         except dimse.CommandError as exc:
             raise Dropped(f"sent a malformed command set ({exc})", abort=ABORT_INVALID_PARAMETER) from None
-        finally:
-            self.command.clear()
         if field == dimse.C_CANCEL_RQ:
             return
         message = _Message(command, context_id)
@@ -417,7 +420,7 @@ class Association:
         if message.refusal is not None:
             return
         try:
-            message.partial = receiver.storage.open_partial()
+            message.partial, self.spare = self.spare or receiver.storage.open_partial(), None
             head = dimse.file_meta(sop_class, sop_instance, transfer_syntax, self.peer.ae_title)
             message.partial.write(head)
             message.head = len(head)
@@ -461,6 +464,11 @@ class Association:
             logger.warning("Association from %s: command 0x%04X not supported here", self.peer, field)
             status, comment = UNRECOGNIZED_OPERATION, None
         self._send(self._command_pdus(message.context_id, dimse.response(command, status, comment)))
+        if field == dimse.C_STORE_RQ and self.spare is None:
+            try:  # off the next instance's critical path: the peer is reading our response meanwhile
+                self.spare = self.server.receiver.storage.open_partial()
+            except OSError:
+                pass  # the next C-STORE tries again and answers 0xA700 if it cannot
 
     def _command_pdus(self, context_id: int, data: bytes) -> bytes:
         """P-DATA-TF PDUs carrying one command set, fragmented to the peer's maximum PDU length."""

@@ -115,6 +115,10 @@ def _ui(uid: str) -> bytes:
     return raw + b"\0" if len(raw) % 2 else raw
 
 
+def _even(raw: bytes) -> bytes:
+    return raw + b"\0" if len(raw) % 2 else raw
+
+
 def _text(text: str) -> bytes:
     raw = text.encode("ascii", "replace")
     return raw + b" " if len(raw) % 2 else raw
@@ -123,9 +127,9 @@ def _text(text: str) -> bytes:
 def response(request: Command, status: int, comment: str | None = None) -> bytes:
     """The response command set to ``request`` (C-STORE-RSP, C-ECHO-RSP or another -RSP)."""
     body = b""
-    sop_class = request.elements.get(AFFECTED_SOP_CLASS)
+    sop_class = request.elements.get(AFFECTED_SOP_CLASS)  # echoed as the request had them, byte for byte
     if sop_class is not None:
-        body += _element(AFFECTED_SOP_CLASS, _ui(request.uid(AFFECTED_SOP_CLASS) or ""))
+        body += _element(AFFECTED_SOP_CLASS, _even(sop_class))
     body += _element(COMMAND_FIELD, _US.pack((request.field | RESPONSE_BIT) & 0xFFFF))
     body += _element(MESSAGE_ID_RESPONDED, _US.pack(request.message_id))
     body += _element(DATA_SET_TYPE, _US.pack(NO_DATA_SET))
@@ -134,7 +138,7 @@ def response(request: Command, status: int, comment: str | None = None) -> bytes
         body += _element(ERROR_COMMENT, _text(comment[:64]))
     sop_instance = request.elements.get(AFFECTED_SOP_INSTANCE)
     if sop_instance is not None:
-        body += _element(AFFECTED_SOP_INSTANCE, _ui(request.uid(AFFECTED_SOP_INSTANCE) or ""))
+        body += _element(AFFECTED_SOP_INSTANCE, _even(sop_instance))
     return _element(0x00000000, struct.pack("<L", len(body))) + body
 
 
