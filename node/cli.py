@@ -72,7 +72,7 @@ def _worker(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config)
     if args.storage is not None:
         cfg = replace(cfg, node=replace(cfg.node, storage=Path(args.storage).resolve()))
-    return run_worker(cfg, args.role, burst=args.burst)
+    return run_worker(cfg, args.role, burst=args.burst, supervisor=args.supervised_by)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -144,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role", choices=["analyse", "send"], default="analyse")
     p.add_argument("--storage", help="storage folder (overrides [node] storage)")
     p.add_argument("--burst", action="store_true", help="stop when the queue is empty")
+    p.add_argument("--supervised-by", type=int, metavar="PID", help=argparse.SUPPRESS)  # set by `ainode serve`
     p.set_defaults(func=_worker)
 
     p = sub.add_parser("demo", help="run the whole path once in a temp folder: CT in, SR out")

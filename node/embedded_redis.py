@@ -10,6 +10,7 @@ stopped if it does not; a stale socket never blocks the start.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -30,6 +32,24 @@ logger = logging.getLogger(__name__)
 SOCKET_PATH_MAX = 104  # sun_path is 108 bytes on Linux, 104 on the BSDs
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
+
+
+def _prctl() -> Any:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+_PRCTL = _prctl()  # resolved now: the child of a fork must not load anything
+
+
+def _child_setup() -> None:
+    """In the forked child, before exec: files 0600 (the append-only file, the log); SIGTERM when
+    the node dies (PR_SET_PDEATHSIG, which survives exec)."""
+    os.umask(0o077)
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM, 0, 0, 0)
 
 
 def redis_server_binary() -> str:
@@ -126,7 +146,10 @@ class EmbeddedRedis:
             "--daemonize", "no",
         ]
         # A session of its own: a Ctrl-C in the terminal reaches the node, which stops Redis last.
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
+        # It dies with the node (SIGTERM when the node dies, even by SIGKILL: it then writes its
+        # append-only file, which the next start reads); nothing the node started outlives it.
+        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True,
+                                        preexec_fn=_child_setup)
         self.pid = self.process.pid
         write_atomic(self.pidfile, f"{self.pid}\n".encode())
         deadline = time.monotonic() + START_TIMEOUT_S

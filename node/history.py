@@ -42,7 +42,8 @@ def _job_status(redis: Redis | None, jid: str) -> tuple[str, str]:
         job = Job.fetch(jid, connection=redis)
     except Exception:  # NoSuchJobError, or a job rq cannot read back
         return "queued", "job not in Redis (the node queues it again)"
-    status = str(job.get_status(refresh=False) or "queued")
+    got = job.get_status(refresh=False)
+    status = getattr(got, "value", got) or "queued"  # JobStatus is a str Enum: str() gives "JobStatus.STARTED"
     if status == "failed":
         lines = (job.latest_result().exc_string if job.latest_result() else "") or ""
         return "failed", (lines.strip().splitlines() or ["failed"])[-1]
@@ -57,11 +58,14 @@ def study_state(storage: Storage, cfg: Config, redis: Redis | None, study_uid: s
         return StudyState(study_uid, instances, 0, "received", "waiting for the quiet period")
     rev = revisions[-1]
     outcome = storage.read_outcome(study_uid, rev)
+    lost = storage.lost_runs(study_uid, rev)
+    lost_note = (f"; {len(lost)} run(s) lost with their worker (last: {lost[-1].get('why')}, "
+                 f"{lost[-1].get('then')})" if lost else "")
     if outcome is None:
         state, detail = _job_status(redis, job_id(study_uid, rev))
-        return StudyState(study_uid, instances, rev, state, detail)
+        return StudyState(study_uid, instances, rev, state, detail + lost_note)
     if outcome["status"] != "analysed":
-        return StudyState(study_uid, instances, rev, outcome["status"], outcome.get("reason", ""))
+        return StudyState(study_uid, instances, rev, outcome["status"], outcome.get("reason", "") + lost_note)
     result = outcome["result"]
     sends = []
     worst = "sent"
@@ -80,7 +84,7 @@ def study_state(storage: Storage, cfg: Config, redis: Redis | None, study_uid: s
     located = len(result.get("findings", []))
     detail = (f"{percent(result['score'])} at threshold {percent(result['threshold'])} "
               f"({'positive' if positive else 'negative'}{f', {located} located' if located else ''}); "
-              + "; ".join(sends))
+              + "; ".join(sends) + lost_note)
     return StudyState(study_uid, instances, rev, worst, detail, result["score"])
 
 

@@ -7,26 +7,35 @@ port or both); the main thread runs the completion loop and handles signals
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 from types import FrameType
+from typing import Callable
 
 from redis import Redis
+from redis.exceptions import RedisError
+from rq.job import Job
+from rq.worker import Worker as RQWorker
 
 from node import config as config_mod
-from node.audit import AuditError, AuditTrail, Outcome, open_trail
+from node.audit import Action, AuditError, AuditTrail, Outcome, open_trail
 from node.completion import Completion
 from node.config import Config
-from node.embedded_redis import EmbeddedRedis
-from node.enqueue import JobQueue, redis_client
+from node.embedded_redis import EmbeddedRedis, pid_alive
+from node.enqueue import QUEUE_NAME, JobQueue, redis_client
 from node.errors import AinodeError, ConfigError
+from node.jobs import Scheduling, recover_worker, requeue_abandoned, worker_name
 from node.receive import Limits, Policy, Receiver, Server
-from node.store import Storage
+from node.store import Storage, write_atomic
 from node.tls import server_context
 
 logger = logging.getLogger(__name__)
@@ -38,18 +47,29 @@ WORKER_STOP_S = 60.0
 WORKER_RESTART_S = 5.0  # the first restart delay; doubles while a worker keeps dying at start
 WORKER_RESTART_MAX_S = 300.0
 WORKER_QUICK_EXIT_S = 60.0
+SCHEDULE_EVERY_S = 1.0
+ABANDONED_EVERY_S = 10.0
 
 
 class WorkerPool:
     """The worker processes ``ainode serve`` runs beside the SCP: one sender, N analysers.
 
-    A worker that dies is started again, after a delay that doubles (up to
-    WORKER_RESTART_MAX_S) while it keeps dying soon after its start (a bad model, say);
-    at stop each gets SIGTERM (rq finishes the job in hand) and then SIGKILL.
+    Each worker dies with the node (node.worker._die_with: the kernel kills it
+    when the node dies, even by SIGKILL); their pids are kept in
+    ``<storage>/run/workers.json`` so that a node starting on the same storage
+    stops any still running (from a node that could not tie them). A worker
+    that dies is started again, after a delay that doubles (up to
+    WORKER_RESTART_MAX_S) while it keeps dying soon after its start (a bad
+    model, say), and the job it was running is recovered at once
+    (``on_death``, node.jobs.recover_worker); at stop each gets SIGTERM (rq
+    finishes the job in hand) and then SIGKILL.
     """
 
-    def __init__(self, cfg: Config, analysers: int, log_level: str) -> None:
+    def __init__(self, cfg: Config, analysers: int, log_level: str,
+                 on_death: Callable[[str, int, str], None] | None = None) -> None:
         self.cfg = cfg
+        self.on_death = on_death
+        self.pidfile = Path(cfg.node.storage) / "run" / "workers.json"
         self.roles = ["send"] + ["analyse"] * analysers
         self.log_level = log_level
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * len(self.roles)
@@ -61,7 +81,37 @@ class WorkerPool:
         cmd = [sys.executable, "-m", "node", "--log-level", self.log_level]
         if self.cfg.source is not None:
             cmd += ["--config", str(self.cfg.source)]
-        return cmd + ["worker", "--role", role, "--storage", str(self.cfg.node.storage)]
+        return cmd + ["worker", "--role", role, "--storage", str(self.cfg.node.storage),
+                      "--supervised-by", str(os.getpid())]
+
+    def stop_leftovers(self) -> int:
+        """Stop workers an earlier node on this storage left running; returns how many."""
+        try:
+            pids = [int(p) for p in json.loads(self.pidfile.read_text()).get("pids", [])]
+        except (OSError, ValueError, AttributeError):
+            return 0
+        storage = str(self.cfg.node.storage).encode()
+        stopped = 0
+        for pid in pids:
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"worker" not in cmdline or storage not in cmdline or not pid_alive(pid):
+                continue  # gone, or the pid now belongs to something else
+            logger.warning("Stopping worker pid %d left running by an earlier node on this storage", pid)
+            _stop_pid(pid)
+            stopped += 1
+        self.pidfile.unlink(missing_ok=True)
+        return stopped
+
+    def _record(self) -> None:
+        pids = [p.pid for p in self.procs if p is not None and p.poll() is None]
+        try:
+            self.pidfile.parent.mkdir(mode=0o700, exist_ok=True)
+            write_atomic(self.pidfile, json.dumps({"node": os.getpid(), "pids": pids}).encode())
+        except OSError as exc:
+            logger.warning("Cannot record the worker pids in %s: %s", self.pidfile, exc)
 
     def check(self) -> None:
         """Start workers that are not running (again)."""
@@ -74,13 +124,20 @@ class WorkerPool:
                 quick = now - self.started_at[i] < WORKER_QUICK_EXIT_S
                 self.failures[i] = self.failures[i] + 1 if quick else 0
                 self.retry_at[i] = now + min(WORKER_RESTART_S * 2 ** self.failures[i], WORKER_RESTART_MAX_S)
-                logger.error("Worker %d (%s, pid %d) exited with code %s; starting it again in %.0f s",
-                             i, role, proc.pid, proc.returncode, self.retry_at[i] - now)
+                code = proc.returncode
+                how = (f"was killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals()
+                       else f"exited with code {code}")
+                logger.error("Worker %d (%s, pid %d) %s; starting it again in %.0f s",
+                             i, role, proc.pid, how, self.retry_at[i] - now)
                 self.procs[i] = None
+                self._record()
+                if self.on_death is not None:
+                    self.on_death(role, proc.pid, f"worker pid {proc.pid} {how}")
             if now < self.retry_at[i]:
                 continue
             self.procs[i] = subprocess.Popen(self._command(role), stdin=subprocess.DEVNULL)
             self.started_at[i] = now
+            self._record()
             logger.info("Worker %d (%s) started, pid %d", i, role, self.procs[i].pid)  # type: ignore[union-attr]
 
     def stop(self) -> None:
@@ -96,6 +153,24 @@ class WorkerPool:
                 p.kill()
                 p.wait()
         self.procs = [None] * len(self.roles)
+        self.pidfile.unlink(missing_ok=True)
+
+
+def _stop_pid(pid: int, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``, a process that is not our child."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return
+        time.sleep(0.05)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def connect_redis(cfg: Config) -> tuple[Redis, EmbeddedRedis | None]:
@@ -112,7 +187,10 @@ class Node:
 
     def __init__(self, cfg: Config, workers: int = 1, log_level: str = "INFO") -> None:
         self.cfg = cfg
-        self.pool = WorkerPool(cfg, workers, log_level) if workers >= 0 else None
+        self.pool = WorkerPool(cfg, workers, log_level, self._worker_died) if workers >= 0 else None
+        self.scheduling: Scheduling | None = None
+        self.next_schedule = 0.0
+        self.next_abandoned = 0.0
         self.stop_requested = threading.Event()
         self.reload_requested = threading.Event()
         self.next_purge = 0.0  # at the first tick, then hourly
@@ -126,12 +204,18 @@ class Node:
         # The SCP uses pynetdicom only to decode A-ASSOCIATE-RQs; a hostile one makes it log tracebacks
         # that say less than the one line node.receive writes for the same connection.
         logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+        if self.pool is not None:
+            self.pool.stop_leftovers()  # before tmp/ is cleared: such a worker may be writing there
         self.storage.prepare()
         self.audit = open_trail(cfg.audit_path, cfg.node.ae_title, "serve", cfg.audit.syslog)
         tls_context = server_context(cfg.tls, str(cfg.source or "config")) if cfg.tls.enabled else None
         self.redis, self.embedded = connect_redis(cfg)
         self.completion = Completion(self.storage, self.redis, cfg.completion, JobQueue(self.redis))
         self.completion.reconcile()
+        # With the embedded Redis every rq worker and scheduler it knows belonged to this storage's
+        # earlier nodes, all gone now (their workers died with them or were stopped above).
+        self.scheduling = Scheduling(self.redis, clear_stale_locks=self.embedded is not None)
+        self._recover_dead_workers()
         self.policy = Policy(cfg.node.ae_title, cfg.callers)
         self.receiver = Receiver(self.storage, self.completion, self.policy, cfg.node.min_free_mb, self.audit)
         self.server = Server(self.receiver, Limits.of(cfg))
@@ -167,10 +251,67 @@ class Node:
             if self.pool is not None:
                 self.pool.check()
             self.completion.tick()
+            now = time.monotonic()
+            if self.scheduling is not None and now >= self.next_schedule:
+                self.next_schedule = now + SCHEDULE_EVERY_S
+                self.scheduling.tick()
+            if now >= self.next_abandoned:
+                self.next_abandoned = now + ABANDONED_EVERY_S
+                self._requeue_abandoned()
             if time.monotonic() >= self.next_purge:
                 self.next_purge = time.monotonic() + PURGE_EVERY_S
                 self.purge()
             self.stop_requested.wait(TICK_S)
+
+    # --- jobs whose worker died -----------------------------------------------------------
+
+    def _worker_died(self, role: str, pid: int, why: str) -> None:
+        """A worker this node started died: recover its job now, not when rq would notice."""
+        try:
+            recover_worker(self.redis, worker_name(role, pid), why, self._lost_run)
+        except RedisError as exc:
+            logger.error("Worker pid %d died; its job is recovered once Redis answers (%s)", pid, exc)
+
+    def _recover_dead_workers(self) -> None:
+        """Jobs left "started" by this host's ainode workers that are no longer running."""
+        host = socket.gethostname()
+        try:
+            workers = RQWorker.all(connection=self.redis)
+        except RedisError as exc:
+            logger.error("Cannot list rq workers: %s", exc)
+            return
+        for w in workers:
+            if w.name.startswith("ainode-") and w.hostname == host and w.pid and not pid_alive(w.pid):
+                recover_worker(self.redis, w.name, f"worker pid {w.pid} was gone when the node started",
+                               self._lost_run)
+
+    def _requeue_abandoned(self) -> None:
+        try:
+            requeue_abandoned(self.redis, self._lost_run)
+        except RedisError as exc:
+            logger.debug("Abandoned jobs not checked: %s", exc)
+
+    def _lost_run(self, job: Job, why: str, then: str) -> None:
+        """Record a run lost with its worker: the audit trail and the study's revision state."""
+        kwargs = job.kwargs or {}
+        study_uid, revision = kwargs.get("study_uid"), kwargs.get("revision")
+        if not isinstance(study_uid, str) or not isinstance(revision, int):
+            return
+        analysis = job.origin == QUEUE_NAME
+        what = "analysis" if analysis else f"sending to {kwargs.get('destination')}"
+        failed = then.startswith("failed")
+        try:
+            self.storage.note_lost_run(study_uid, revision, {"job": job.id, "why": why, "then": then})
+            if failed and analysis and not self.storage.has_outcome(study_uid, revision):
+                self.storage.write_outcome(study_uid, revision, "failed", reason=f"{what} lost: {then[8:]}")
+        except OSError as exc:
+            logger.error("Study %s r%d: lost run not recorded: %s", study_uid, revision, exc)
+        try:
+            assert self.audit is not None
+            self.audit.job(study_uid, revision, Action.READ, Outcome.SERIOUS_FAILURE if failed else Outcome.MINOR_FAILURE,
+                           f"{what} lost: {why}; {then}")
+        except AuditError as exc:
+            logger.error("Study %s r%d: lost run not audited: %s", study_uid, revision, exc)
 
     def purge(self) -> None:
         """Apply [storage] keep_days; an error is logged, the node goes on."""
@@ -246,6 +387,8 @@ class Node:
                 completion.flush()  # the timers of the last instances stored
         if self.pool is not None:
             self.pool.stop()
+        if self.scheduling is not None:
+            self.scheduling.stop()
         if self.embedded is not None:
             self.embedded.stop()
         if self.audit is not None:

@@ -338,6 +338,23 @@ class Storage:
         write_atomic(self.outcome_path(study_uid, revision), json.dumps(outcome, indent=1).encode(), self.tmp)
         return outcome
 
+    def lost_runs_path(self, study_uid: str, revision: int) -> Path:
+        return self.state / check_uid(study_uid, "Study Instance UID") / f"rev-{revision:04d}.lost.json"
+
+    def note_lost_run(self, study_uid: str, revision: int, entry: dict[str, Any]) -> None:
+        """Add a run lost with its worker (killed mid-job) to the revision's record, durably."""
+        path = self.lost_runs_path(study_uid, revision)
+        runs = self.lost_runs(study_uid, revision)
+        runs.append({"at": time.time(), **entry})
+        self.ensure_dir(path.parent)
+        write_atomic(path, json.dumps(runs, indent=1).encode(), self.tmp)
+
+    def lost_runs(self, study_uid: str, revision: int) -> list[dict[str, Any]]:
+        try:
+            return list(json.loads(self.lost_runs_path(study_uid, revision).read_text()))
+        except (FileNotFoundError, ValueError):
+            return []
+
     def result_path(self, study_uid: str, sop_uid: str) -> Path:
         """Where a result object (SR, summary image, KO) of the study is kept."""
         return self.results / check_uid(study_uid, "Study Instance UID") / f"{check_uid(sop_uid, 'SOP Instance UID')}.dcm"

@@ -18,18 +18,23 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 from redis import Redis
+from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker, get_current_job
+from rq.job import Job
+from rq.registry import StartedJobRegistry
+from rq.worker import WorkerStatus
 
 from node.audit import Action, AuditTrail, Outcome
 from node.config import Config
 from node.context import WorkerContext, context, redis_for, set_context
 from node.enqueue import QUEUE_NAME
 from node.errors import NoUsableSeriesError, VolumeError
+from node.jobs import EXECUTION_TTL_S, HEARTBEAT_S, worker_name
 from node.results.facts import Finding, KeyImage, ModelInfo, Result, SourceImage
 from node.results.objects import all_kinds, ensure_object
 from node.send import SEND_QUEUE, enqueue_send
@@ -175,13 +180,69 @@ def _analyse(ctx: WorkerContext, study_uid: str, revision: int) -> dict[str, Any
 # --- the process -----------------------------------------------------------------
 
 
+class AinodeWorker(SimpleWorker):
+    """rq's non-forking worker that keeps beating while a job runs (see node.jobs).
+
+    The job's entry in the StartedJobRegistry stays EXECUTION_TTL_S ahead of
+    the last beat, so a worker killed mid-job is noticed in under a minute,
+    not when the job timeout runs out.
+    """
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        return EXECUTION_TTL_S
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        execution = self.prepare_execution(job)
+        done = threading.Event()
+        beat = threading.Thread(target=self._beat, args=(job, execution, done), daemon=True, name="job-heartbeat")
+        beat.start()
+        try:
+            self.perform_job(job, queue, execution)
+        finally:
+            done.set()
+            beat.join(5)
+        self.set_state(WorkerStatus.IDLE)
+
+    def _beat(self, job: Job, execution: Any, done: threading.Event) -> None:
+        registry = StartedJobRegistry(job.origin, connection=self.connection)
+        while not done.wait(HEARTBEAT_S):
+            try:
+                with self.connection.pipeline() as pipe:
+                    execution.heartbeat(registry, EXECUTION_TTL_S, pipe)
+                    pipe.expire(self.key, EXECUTION_TTL_S + 60)
+                    pipe.execute()
+            except RedisError as exc:
+                logger.warning("Job %s: heartbeat not written: %s", job.id, exc)
+
+
+def _die_with(supervisor: int) -> None:
+    """Make the kernel kill this process when its supervising node dies (Linux), even by SIGKILL."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        logger.warning("Cannot tie this worker to its node (no prctl): it may outlive a killed node")
+    if os.getppid() != supervisor:  # the node died before the tie was made
+        logger.error("The node (pid %d) that started this worker is gone: exiting", supervisor)
+        os._exit(1)
+
+
 def queues_for(role: str, redis: Redis) -> list[Queue]:
     name = {"analyse": QUEUE_NAME, "send": SEND_QUEUE}[role]
     return [Queue(name, connection=redis)]
 
 
-def run_worker(cfg: Config, role: str = "analyse", *, burst: bool = False) -> int:
-    """Run one worker until SIGTERM/SIGINT (or, with ``burst``, until its queue is empty)."""
+def run_worker(cfg: Config, role: str = "analyse", *, burst: bool = False, supervisor: int | None = None) -> int:
+    """Run one worker until SIGTERM/SIGINT (or, with ``burst``, until its queue is empty).
+
+    ``supervisor``: the pid of the ``ainode serve`` that started it: the worker
+    dies with that node, and leaves scheduling to it (node.jobs.Scheduling).
+    """
+    if supervisor is not None:
+        _die_with(supervisor)
     storage = Storage(cfg.node.storage)
     storage.prepare(clear_tmp=False)  # the node may be writing there right now
     redis = redis_for(cfg)
@@ -205,11 +266,11 @@ def run_worker(cfg: Config, role: str = "analyse", *, burst: bool = False) -> in
         if not model.map_name:
             logger.warning("Model %s has no score map: results will give a study score and key images, "
                            "no located findings", model.card.name)
-    name = f"ainode-{role}-{socket.gethostname()}-{os.getpid()}"
-    worker = SimpleWorker(queues_for(role, redis), connection=redis, name=name)
+    name = worker_name(role, os.getpid())
+    worker = AinodeWorker(queues_for(role, redis), connection=redis, name=name)
     audit.application(True, f"worker {name} started")
     try:
-        worker.work(burst=burst, with_scheduler=True, logging_level=logging.getLevelName(logging.getLogger().level))
+        worker.work(burst=burst, with_scheduler=supervisor is None, logging_level=logging.getLevelName(logging.getLogger().level))
     finally:
         audit.application(False, f"worker {name} stopped")
         audit.close()
