@@ -27,6 +27,8 @@ KEY_QUIET = "ainode:completion:quiet"
 KEY_DEADLINE = "ainode:completion:deadline"
 #: Set when the timers are known to be complete; its absence means Redis lost them.
 KEY_EPOCH = "ainode:epoch"
+#: How soon a study whose completion could not be written (disk full) is tried again.
+STORAGE_RETRY_S = 5.0
 #: How often a receiving process without a completion loop writes its studies' timers.
 ARM_EVERY_S = 0.5
 
@@ -49,6 +51,7 @@ class Completion:
         self.clock = clock
         self._needs_reconcile = threading.Event()
         self._redis_down_since: float | None = None
+        self._storage_down_since: float | None = None
         self._dirty: dict[str, tuple[float, float]] = {}  # study -> (first, last) instance since the last flush
         self._armed_lock = threading.Lock()
         self._stopped = threading.Event()
@@ -121,8 +124,16 @@ class Completion:
                 study_uid = raw.decode() if isinstance(raw, bytes) else raw
                 quiet_due = self.redis.zscore(KEY_QUIET, study_uid)
                 reason = "quiet" if quiet_due is not None and quiet_due <= now else "max_wait"
-                if self.complete(study_uid, reason) is not None:
-                    queued += 1
+                try:
+                    if self.complete(study_uid, reason) is not None:
+                        queued += 1
+                except OSError as exc:  # disk full, I/O error: the study waits, the node goes on
+                    self._storage_failed(study_uid, exc)
+                    continue
+                self._storage_ok()
+        except OSError as exc:  # reconcile could not read or write storage
+            self._storage_failed(None, exc)
+            return 0
         except RedisError as exc:
             self._needs_reconcile.set()
             if self._redis_down_since is None:
@@ -133,6 +144,21 @@ class Completion:
             logger.warning("Redis is reachable again after %.0f s", self.clock() - self._redis_down_since)
             self._redis_down_since = None
         return queued
+
+    def _storage_failed(self, study_uid: str | None, exc: OSError) -> None:
+        """Log once per episode; try the study again in STORAGE_RETRY_S."""
+        if self._storage_down_since is None:
+            self._storage_down_since = self.clock()
+            logger.error("Storage cannot be written (%s): completion paused, retried every %.0f s",
+                         exc.strerror or exc, STORAGE_RETRY_S)
+        if study_uid is not None:
+            self.redis.zadd(KEY_QUIET, {study_uid: self.clock() + STORAGE_RETRY_S})
+
+    def _storage_ok(self) -> None:
+        if self._storage_down_since is not None:
+            logger.warning("Storage can be written again after %.0f s: completion goes on",
+                           self.clock() - self._storage_down_since)
+            self._storage_down_since = None
 
     def complete(self, study_uid: str, reason: str) -> Revision | None:
         """Queue a new revision of the study if it has instances no revision covers."""

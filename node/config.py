@@ -194,12 +194,15 @@ class SeriesRules:
     min_slices: int = 10
     max_slice_thickness_mm: float = 5.0  # max(SliceThickness, position step)
     exclude_localizers: bool = True
+    max_volume_mb: int = 2048  # the decoded series (int16 HU) may take at most this, checked before decoding
 
     def __post_init__(self) -> None:
         if self.modality != "CT":
             raise ValueError(f'Argument "modality" must be "CT", got {self.modality!r}')
         if self.min_slices < 1:
             raise ValueError(f'Argument "min_slices" must be at least 1, got {self.min_slices}')
+        if self.max_volume_mb < 16:
+            raise ValueError(f'Argument "max_volume_mb" must be at least 16, got {self.max_volume_mb}')
         if not self.max_slice_thickness_mm > 0:
             raise ValueError(f'Argument "max_slice_thickness_mm" must be more than 0, got {self.max_slice_thickness_mm}')
 

@@ -151,7 +151,10 @@ class EmbeddedRedis:
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True,
                                         preexec_fn=_child_setup)
         self.pid = self.process.pid
-        write_atomic(self.pidfile, f"{self.pid}\n".encode())
+        try:
+            write_atomic(self.pidfile, f"{self.pid}\n".encode())
+        except OSError as exc:  # disk full: it dies with the node anyway; only adoption needs the file
+            logger.warning("Embedded Redis pid file not written: %s", exc.strerror or exc)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

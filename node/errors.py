@@ -43,3 +43,10 @@ class VolumeError(AinodeError):
 
 class ModelError(AinodeError):
     """The model or its card is missing, does not match, or cannot run as configured."""
+
+
+class StudyLimitError(AinodeError):
+    """A study the node will not analyse: over a configured cost limit, or with non-physical values.
+
+    Recorded as "no result" with the reason; never retried.
+    """

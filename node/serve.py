@@ -211,7 +211,10 @@ class Node:
         tls_context = server_context(cfg.tls, str(cfg.source or "config")) if cfg.tls.enabled else None
         self.redis, self.embedded = connect_redis(cfg)
         self.completion = Completion(self.storage, self.redis, cfg.completion, JobQueue(self.redis))
-        self.completion.reconcile()
+        try:
+            self.completion.reconcile()
+        except OSError as exc:  # the completion loop tries again
+            logger.error("Storage cannot be written (%s): completion resumes once it can", exc.strerror or exc)
         # With the embedded Redis every rq worker and scheduler it knows belonged to this storage's
         # earlier nodes, all gone now (their workers died with them or were stopped above).
         self.scheduling = Scheduling(self.redis, clear_stale_locks=self.embedded is not None)
@@ -232,7 +235,15 @@ class Node:
             logger.warning("No [[callers]] configured: any calling AE title is accepted")
         if self.pool is not None:
             self.pool.check()
-        self.audit.application(True, f"ainode {_version()} serving on {', '.join(ports)}")
+        free = self.storage.free_mb()
+        if free < cfg.node.min_free_mb:
+            logger.error("Storage has %.0f MB free, below min_free_mb (%d): C-STORE is refused with 0xA700 "
+                         "(Out of Resources) until space is freed; C-ECHO answers", free, cfg.node.min_free_mb)
+        try:
+            self.audit.application(True, f"ainode {_version()} serving on {', '.join(ports)}")
+        except AuditError as exc:  # disk full: start anyway; stores are refused while the trail cannot be written
+            logger.error("The start is not audited: %s; C-STORE is refused with 0xA700 while the audit trail "
+                         "cannot be written", exc)
         logger.info(
             "ainode listening as %s on %s, storage %s, audit %s%s, Redis %s",
             cfg.node.ae_title, " and ".join(ports), cfg.node.storage, cfg.audit_path,

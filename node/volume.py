@@ -69,7 +69,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, CTImageStorage
 
 from node.config import SeriesRules
-from node.errors import NoUsableSeriesError, VolumeError
+from node.errors import NoUsableSeriesError, StudyLimitError, VolumeError
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +87,8 @@ ORIGINAL = "ORIGINAL"
 #: The single-frame SOP class whose slices form a volume, per modality.
 SLICE_SOP_CLASSES: dict[str, str] = {"CT": CTImageStorage}
 _INT16 = (-32768, 32767)
+#: A series with more of its values than this outside int16 after the rescale is not analysed.
+MAX_CLIPPED_FRACTION = 0.5
 _MAX_REASONS = 5
 
 
@@ -510,8 +512,8 @@ def _gaps(positions: np.ndarray, series: str) -> tuple[float, int]:
     return median, missing
 
 
-def _decode_into(h: _Header, out: np.ndarray, series: str) -> bool:
-    """Decode one slice, convert to HU into ``out`` (int16); True if values were clipped."""
+def _decode_into(h: _Header, out: np.ndarray, series: str) -> int:
+    """Decode one slice, convert to HU into ``out`` (int16); returns how many values were clipped."""
     try:
         ds = dcmread(h.path)
     except OSError:
@@ -536,13 +538,27 @@ def _decode_into(h: _Header, out: np.ndarray, series: str) -> bool:
     hu *= h.slope
     hu += h.intercept
     np.rint(hu, out=hu)
-    clipped = bool(hu.min() < _INT16[0] or hu.max() > _INT16[1])
+    clipped = int(np.count_nonzero((hu < _INT16[0]) | (hu > _INT16[1])))
     np.clip(hu, *_INT16, out=hu)
     out[...] = hu
     return clipped
 
 
-def _build_volume(headers: list[_Header], max_slices: int, max_pixels: int, min_slices: int) -> Volume:
+def _check_cost(n: int, rows: int, cols: int, series: str, max_volume_mb: int) -> None:
+    """Refuse, from the headers alone, a series whose decoding would cost more than allowed.
+
+    The volume is int16; decoding one slice needs its stored array and a
+    float64 copy besides. A decompression bomb (tiny JPEG 2000 files that
+    decode to 4096x4096 each) is caught here, before a byte is decoded.
+    """
+    need = n * rows * cols * 2 + rows * cols * 16
+    if need > max_volume_mb * 2**20:
+        raise StudyLimitError(f"series {series}: {n} slices of {rows}x{cols} would take {need / 2**20:.0f} MB "
+                              f"decoded, more than [series] max_volume_mb = {max_volume_mb}")
+
+
+def _build_volume(headers: list[_Header], max_slices: int, max_pixels: int, min_slices: int,
+                  max_volume_mb: int = 2048) -> Volume:
     if not headers:
         raise VolumeError("no instances to load")
     series_uids = sorted({h.series_uid for h in headers})
@@ -568,10 +584,14 @@ def _build_volume(headers: list[_Header], max_slices: int, max_pixels: int, min_
     else:
         dz, missing = headers[0].thickness or 0.0, 0
     rows, cols = headers[0].rows, headers[0].cols
+    _check_cost(len(headers), rows, cols, series, max_volume_mb)
     hu = np.empty((len(headers), rows, cols), dtype=np.int16)
     clipped = sum(_decode_into(h, hu[i], series) for i, h in enumerate(headers))
+    if clipped > MAX_CLIPPED_FRACTION * hu.size:
+        raise StudyLimitError(f"series {series}: {100 * clipped / hu.size:.0f}% of its values fall outside the "
+                              "int16 HU range after RescaleSlope/RescaleIntercept: not a physical CT")
     if clipped:
-        logger.warning("Series %s: HU of %d slice(s) clipped into int16", series, clipped)
+        logger.warning("Series %s: %d HU value(s) clipped into int16", series, clipped)
     row_mm, col_mm = headers[0].pixel_spacing or (0.0, 0.0)
     logger.info("Series %s: loaded %d slices of %dx%d (%s mm), %d missing, %d skipped, in %.2f s", series,
                 len(headers), rows, cols, _mm(dz), missing, len(skipped), time.monotonic() - started)
@@ -617,5 +637,5 @@ def load_study(
     Raises NoUsableSeriesError (no eligible series) or VolumeError (the chosen one cannot be loaded).
     """
     choice, chosen = _choice(*_read_headers(study_dir_files), rules)
-    volume = _build_volume(chosen.headers, max_slices, max_pixels_per_slice, rules.min_slices)
+    volume = _build_volume(chosen.headers, max_slices, max_pixels_per_slice, rules.min_slices, rules.max_volume_mb)
     return choice, volume

@@ -33,7 +33,7 @@ from node.audit import Action, AuditTrail, Outcome
 from node.config import Config
 from node.context import WorkerContext, context, redis_for, set_context
 from node.enqueue import QUEUE_NAME
-from node.errors import NoUsableSeriesError, VolumeError
+from node.errors import NoUsableSeriesError, StudyLimitError, VolumeError
 from node.jobs import EXECUTION_TTL_S, HEARTBEAT_S, worker_name
 from node.results.facts import Finding, KeyImage, ModelInfo, Result, SourceImage
 from node.results.objects import all_kinds, ensure_object
@@ -136,7 +136,7 @@ def _analyse(ctx: WorkerContext, study_uid: str, revision: int) -> dict[str, Any
     paths = [p for p in paths if p.exists()]
     try:
         choice, vol = volume.load_study(paths, ctx.cfg.series)
-    except NoUsableSeriesError as exc:
+    except (NoUsableSeriesError, StudyLimitError) as exc:
         logger.warning("Study %s r%d: no result: %s", study_uid, revision, exc)
         return storage.write_outcome(study_uid, revision, "no_result", reason=str(exc))
     except VolumeError as exc:

@@ -9,6 +9,18 @@ import numpy as np
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _remove_temp_folders() -> Iterator[None]:
+    """The /tmp folders of nodes, Orthancs and storage the tests made go at the end of the session."""
+    yield
+    import os
+
+    from tests.peers import remove_short_tmps
+
+    if os.environ.get("AINODE_KEEP_TMP") != "1":
+        remove_short_tmps()
+
+
 @pytest.fixture(scope="session")
 def lung1_image_path() -> Path:
     """The cached real-CT sample (fetched once with pip into $AINODE_CACHE or ~/.cache/ainode)."""

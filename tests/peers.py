@@ -29,9 +29,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+_SHORT_TMPS: list[Path] = []
+
+
 def short_tmp(prefix: str = "ainode-") -> Path:
-    """A fresh folder with a short path (the embedded Redis socket must fit in 104 bytes)."""
-    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    """A fresh folder with a short path (the embedded Redis socket must fit in 104 bytes).
+
+    Removed at the end of the test session (tests/conftest.py), unless AINODE_KEEP_TMP=1.
+    """
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    _SHORT_TMPS.append(path)
+    return path
+
+
+def remove_short_tmps() -> None:
+    """Remove every folder short_tmp made in this process."""
+    while _SHORT_TMPS:
+        shutil.rmtree(_SHORT_TMPS.pop(), ignore_errors=True)
 
 
 def dcmtk_env() -> dict[str, str]:
@@ -212,11 +226,11 @@ class NodeProcess:
 
     def __init__(self, workdir: Path, *, redis_url: str = "", quiet: float = 1.0, max_wait: float = 1800,
                  min_free_mb: int = 1, callers: Iterable[tuple[str, str | None]] = (), port: int | None = None,
-                 workers: int = -1, extra_config: str = "", node_config: str = "") -> None:
+                 workers: int = -1, extra_config: str = "", node_config: str = "", storage: Path | None = None) -> None:
         self.workdir = workdir
         self.workers = workers
         self.port = port or free_port()
-        self.storage = workdir / "storage"
+        self.storage = storage or workdir / "storage"
         self.config = write_config(
             workdir / "ainode.toml", port=self.port, storage=self.storage, redis_url=redis_url, quiet=quiet,
             max_wait=max_wait, min_free_mb=min_free_mb, callers=callers, extra=extra_config, node_extra=node_config,

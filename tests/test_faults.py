@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -138,3 +139,111 @@ def test_a_send_retry_runs_on_time_after_a_node_restart(nodes, lung1_series, tmp
         assert late < 8, f"the retry ran {late:.1f} s after it was due"
     finally:
         pacs.stop()
+
+
+# --- a full disk -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk():
+    """A 48 MB tmpfs, mounted for the test (needs root; skipped with the reason otherwise).
+
+    Ask for it before ``nodes``: it is unmounted after the node on it has stopped."""
+    where = short_tmp("ainode-tmpfs-")
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m,mode=0700", "tmpfs", str(where)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        where.rmdir()
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip() or res.returncode}")
+    yield where
+    subprocess.run(["umount", str(where)], check=False)
+    shutil.rmtree(where, ignore_errors=True)
+
+
+def fill(disk: Path) -> Path:
+    """Fill the file system to its last byte; returns the filler."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (1 << 20, 4096, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+def ct_small_series(n: int, tmp: Path) -> list[Path]:
+    """``n`` small CT files of one new study, in a new folder under ``tmp``."""
+    import tempfile
+
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    tmp = Path(tempfile.mkdtemp(dir=tmp))
+    study, series = generate_uid(), generate_uid()
+    out = []
+    for i in range(n):
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = i + 1
+        out.append(tmp / f"{i:03d}.dcm")
+        ds.save_as(out[-1])
+    return out
+
+
+def test_a_disk_that_fills_between_store_and_completion_pauses_the_node_not_stops_it(small_disk, nodes, tmp_path):
+    from tests.peers import echoscu, scu_store
+
+    node = NodeProcess(short_tmp(), quiet=3.0, workers=-1, storage=small_disk / "storage")
+    nodes.append(node)
+    node.start()
+    files = ct_small_series(5, tmp_path)
+    assert storescu(files, node.port).returncode == 0
+    filler = fill(small_disk)  # before the 3 s quiet period ends: the revision cannot be written
+    study = study_of(files[0])
+    wait_until(lambda: "Storage cannot be written" in node.log_text(), 15, "the completion to hit the full disk")
+    time.sleep(6)  # two retries later
+    assert node.proc is not None and node.proc.poll() is None  # still up
+    assert echoscu(node.port).returncode == 0
+    assert scu_store(node.port, ct_small_series(1, tmp_path)) == [0xA700]
+    assert node.log_text().count("Storage cannot be written") == 1  # once per episode
+    assert not node.revisions(study)
+    filler.unlink()
+    wait_until(lambda: node.revisions(study), 20, "the study to complete once space is back")
+    assert "Storage can be written again" in node.log_text()
+    studies = node.storage / "studies"
+    assert all(any(d.iterdir()) for d in studies.iterdir())  # the refused instance left no empty folder
+
+
+def test_the_node_starts_on_a_full_disk_and_answers(small_disk, nodes, tmp_path):
+    from tests.peers import echoscu, scu_store
+
+    node = NodeProcess(short_tmp(), quiet=3.0, workers=-1, storage=small_disk / "storage")
+    nodes.append(node)
+    node.start()
+    assert node.stop() == 0
+    filler = fill(small_disk)
+    node.start()  # starts, and says why stores will be refused
+    assert "below min_free_mb" in node.log_text()
+    assert echoscu(node.port).returncode == 0
+    assert scu_store(node.port, ct_small_series(1, tmp_path)) == [0xA700]
+    filler.unlink()
+    assert scu_store(node.port, ct_small_series(1, tmp_path)) == [0]
+
+
+def test_the_embedded_redis_files_are_private(nodes, tmp_path):
+    node = NodeProcess(short_tmp(), workers=-1)
+    nodes.append(node)
+    node.start()
+    assert storescu(ct_small_series(2, tmp_path), node.port).returncode == 0
+    node.redis().set("ainode:test", "x")  # something in the append-only file
+    files = [p for p in (node.storage / "redis").rglob("*") if p.is_file()]
+    assert any("appendonly" in p.name or p.parent.name.startswith("appendonly") for p in files)
+    loose = {str(p.relative_to(node.storage)): oct(p.stat().st_mode & 0o777) for p in files
+             if p.stat().st_mode & 0o077}
+    assert loose == {}

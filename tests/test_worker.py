@@ -123,3 +123,79 @@ def test_an_outcome_of_ainode_0_1_can_still_be_sent(ctx, lung1_series):
         "positive", [], [str(key.SOPInstanceUID)])
     for kind in ("sc", "ko"):
         assert ensure_object(ctx.storage, device, study, 1, kind).exists()
+
+
+def _bomb_series(out: Path, n: int = 60) -> list[Path]:
+    """``n`` CT slices of 4096x4096 zeros as JPEG 2000 Lossless: 162 bytes of pixel data each."""
+    import numpy as np
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import JPEG2000Lossless, generate_uid
+
+    out.mkdir()
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.Rows = ds.Columns = 4096
+    ds.compress(JPEG2000Lossless, np.zeros((4096, 4096), dtype=np.int16))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    files = []
+    for i in range(n):
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = i + 1
+        ds.ImagePositionPatient = [0, 0, 2.5 * i]
+        ds.SliceThickness = 2.5
+        files.append(out / f"{i:03d}.dcm")
+        ds.save_as(files[-1])
+    return files
+
+
+def test_a_jpeg2000_bomb_is_refused_before_it_is_decoded(redis_server, tmp_path):
+    """60 slices of 162-byte JPEG 2000 that decode to 4096x4096 each (2 GB of int16): a worker
+    process with [series] max_volume_mb = 512 records why and stays small."""
+    import os
+    import subprocess
+    import sys
+
+    from node.testmodel import build_test_model
+
+    r = redis_server.client()
+    r.flushall()
+    model = tmp_path / "m.onnx"
+    build_test_model(model, size=64, context=1)
+    storage = Storage(tmp_path / "storage")
+    storage.prepare()
+    files = _bomb_series(tmp_path / "bomb")
+    assert sum(f.stat().st_size for f in files) < 512 * 1024  # tiny on disk (headers, mostly)
+    study = store_series(storage, files, 1)
+    cfg = tmp_path / "ainode.toml"
+    cfg.write_text(f'[node]\nstorage = "{storage.root}"\n[redis]\nurl = "{redis_server.url}"\n'
+                   f'[model]\npath = "{model}"\ndevice = "cpu"\n[series]\nmax_volume_mb = 512\n')
+    JobQueue(r).enqueue(study, 1)
+    proc = subprocess.Popen([sys.executable, "-m", "node", "--config", str(cfg), "worker", "--burst"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 0
+    outcome = storage.read_outcome(study, 1)
+    assert outcome is not None and outcome["status"] == "no_result"
+    assert "60 slices of 4096x4096 would take 2176 MB decoded, more than [series] max_volume_mb = 512" \
+        in outcome["reason"]
+    assert usage.ru_maxrss < 900 * 1024, f"the worker peaked at {usage.ru_maxrss // 1024} MB"  # kB on Linux
+    assert not (storage.results / study).exists()  # no result object
+
+
+def test_a_rescale_that_clips_every_value_gives_no_result(ctx, lung1_series, tmp_path):
+    out = tmp_path / "slope"
+    out.mkdir()
+    files = []
+    for f in lung1_series:
+        ds = pydicom.dcmread(f)
+        ds.RescaleSlope = "1e300"
+        files.append(out / f.name)
+        ds.save_as(files[-1])
+    study = store_series(ctx.storage, files, 1)
+    assert analyse_study(study, 1) == "no_result"
+    outcome = ctx.storage.read_outcome(study, 1)
+    assert "fall outside the int16 HU range after RescaleSlope/RescaleIntercept" in outcome["reason"]
+    assert not (ctx.storage.results / study).exists()
+    assert ctx.redis.llen(f"rq:queue:{SEND_QUEUE}") == 0  # nothing to send
