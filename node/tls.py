@@ -16,11 +16,9 @@ Hospitals often address PACS by IP with certificates that name only a DNS
 name; ``check_hostname = false`` then rests the trust on ``ca`` alone, as
 DCMTK does, so ``ca`` should be a CA that signs only DICOM peers.
 
-pynetdicom's server runs the TLS handshake inside its accept loop
-(``AssociationServer.get_request`` calls ``wrap_socket``), so one client that
-connects and sends nothing would stall every other connection.
-:class:`TLSAssociationServer` defers the handshake to the connection's own
-thread, bounded by :data:`HANDSHAKE_TIMEOUT_S`, and reports each failed one.
+The SCP (node.receive) runs each TLS handshake in the connection's own
+thread, bounded by :data:`HANDSHAKE_TIMEOUT_S`, so one client that connects
+and sends nothing stalls no other connection; each failed one is reported.
 """
 
 from __future__ import annotations
@@ -30,12 +28,7 @@ import os
 import socket
 import ssl
 import stat
-import threading
-from typing import Any, Callable
-
-from pynetdicom import AE
-from pynetdicom.transport import ThreadedAssociationServer
-from pynetdicom.utils import make_target
+from typing import Any
 
 from node.config import TLSConfig
 from node.errors import ConfigError
@@ -45,8 +38,6 @@ logger = logging.getLogger(__name__)
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
 #: A client gets this long to complete the TLS handshake after connecting.
 HANDSHAKE_TIMEOUT_S = 10.0
-
-HandshakeFailure = Callable[[str, int, str], None]  # (peer address, peer port, reason)
 
 
 class _EncryptedKey(Exception):
@@ -160,68 +151,10 @@ def describe_cert(path: str) -> str:
     return f"CN={cn}, valid until {cert.get('notAfter', '?')}"
 
 
-class TLSAssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with the TLS handshake moved out of the accept loop.
-
-    ``get_request`` only accepts and wraps; the connection's thread then runs
-    the handshake with a timeout. A failed handshake (a plain client, an
-    untrusted or missing client certificate, silence) closes the connection
-    and is passed to ``on_handshake_failure``.
-    """
-
-    handshake_timeout: float = HANDSHAKE_TIMEOUT_S
-    on_handshake_failure: HandshakeFailure | None = None
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        assert self.socket is not None and self.ssl_context is not None
-        client, address = self.socket.accept()
-        try:
-            wrapped = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
-        except OSError:
-            client.close()
-            raise
-        return wrapped, address
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        previous = request.gettimeout()
-        try:
-            request.settimeout(self.handshake_timeout)
-            request.do_handshake()
-            request.settimeout(previous)
-        except (ssl.SSLError, OSError) as exc:
-            self._handshake_failed(request, client_address, exc)
-            return
-        super().process_request_thread(request, client_address)
-
-    def _handshake_failed(self, request: Any, client_address: Any, exc: BaseException) -> None:
-        if isinstance(exc, (socket.timeout, TimeoutError)):
-            reason = f"TLS handshake not completed within {self.handshake_timeout:g} s"
-        elif isinstance(exc, ssl.SSLError):
-            reason = f"TLS handshake failed: {exc.reason or exc.strerror or exc}"
-        else:
-            reason = f"TLS handshake failed: {exc.strerror or type(exc).__name__}"
-        host, port = str(client_address[0]), int(client_address[1])
-        logger.warning("Connection from %s:%d to the TLS port refused: %s", host, port, reason)
-        try:
-            self.shutdown_request(request)
-        except OSError:
-            pass
-        if self.on_handshake_failure is not None:
-            try:
-                self.on_handshake_failure(host, port, reason)
-            except Exception:  # reporting must not kill the connection thread's caller
-                logger.exception("Reporting a refused TLS connection failed")
-
-
-def start_tls_server(
-    ae: AE, address: tuple[str, int], context: ssl.SSLContext, evt_handlers: list[Any],
-    on_handshake_failure: HandshakeFailure | None = None,
-) -> TLSAssociationServer:
-    """Start a non-blocking TLS SCP for ``ae`` (as ``AE.start_server(block=False)`` does)."""
-    server = ae.make_server(address, ssl_context=context, evt_handlers=evt_handlers,
-                            server_class=TLSAssociationServer)
-    server.on_handshake_failure = on_handshake_failure
-    thread = threading.Thread(target=make_target(server.serve_forever), name="AcceptorServer@tls", daemon=True)
-    thread.start()
-    ae._servers.append(server)  # where AE.start_server keeps it: server.shutdown() removes it from there
-    return server
+def handshake_failure(exc: BaseException, timeout: float) -> str:
+    """Why a TLS handshake failed, in one line for the log and the audit trail."""
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return f"TLS handshake not completed within {timeout:g} s"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed: {exc.reason or exc.strerror or exc}"
+    return f"TLS handshake failed: {getattr(exc, 'strerror', None) or type(exc).__name__}"

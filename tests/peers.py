@@ -102,6 +102,23 @@ def scu_store(port: int, items: list, calling: str = "PYSCU", called: str = "AIN
         assoc.release()
 
 
+def ct_small(**changes: object) -> Any:
+    """pydicom's CT_small with a new SOP Instance UID; ``changes`` set attributes (None deletes one)."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    for key, value in changes.items():
+        if value is None:
+            delattr(ds, key)
+        else:
+            setattr(ds, key, value)
+    return ds
+
+
 def store_series(storage: Any, files: Sequence[Path], revision: int) -> str:
     """Store Part 10 files as the node would and record them as a revision (plus the earlier
     revision's instances); returns the study UID. For worker tests and benchmarks."""

@@ -22,7 +22,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
-from tests.peers import NodeProcess, echoscu, have, scu_store, short_tmp, wait_until
+from tests.peers import NodeProcess, ct_small, echoscu, have, scu_store, short_tmp, wait_until
 
 pytestmark = pytest.mark.skipif(not have("echoscu"), reason="DCMTK is not installed (apt-get install dcmtk)")
 
@@ -169,18 +169,6 @@ def start(nodes: list, workdir: Path, node_config: str = "") -> NodeProcess:
     node.start()
     assert node.proc is not None
     return node
-
-
-def ct_small(**changes: object) -> Dataset:
-    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    for key, value in changes.items():
-        if value is None:
-            delattr(ds, key)
-        else:
-            setattr(ds, key, value)
-    return ds
 
 
 # --- stalled, dripping and idle peers ------------------------------------------------------------------

@@ -14,12 +14,11 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset
-from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
+from pydicom.uid import JPEG2000Lossless, RLELossless
 from pynetdicom import AE
 
 from node.enqueue import job_id
-from tests.peers import NodeProcess, scu_store as send, RedisServer, echoscu, have, pid_alive, short_tmp, storescu, wait_until
+from tests.peers import NodeProcess, ct_small, scu_store as send, RedisServer, echoscu, have, pid_alive, short_tmp, storescu, wait_until
 
 pytestmark = pytest.mark.skipif(not have("storescu"), reason="DCMTK is not installed (apt-get install dcmtk)")
 
@@ -42,18 +41,6 @@ def study_of(path: Path) -> str:
 def queued_jobs(node: NodeProcess) -> list[str]:
     r = node.redis()
     return sorted(x.decode() for x in r.lrange("rq:queue:ainode", 0, -1))
-
-
-def ct_small(**changes: object) -> Dataset:
-    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    for key, value in changes.items():
-        if value is None:
-            delattr(ds, key)
-        else:
-            setattr(ds, key, value)
-    return ds
 
 
 def test_lung1_series_stored_byte_identical_and_queued_once(nodes, workdir, lung1_series):

@@ -47,7 +47,7 @@ from node.receive.policy import (
     REJECT_PROTOCOL_VERSION, Reason, ae_title_problem, escaped,
 )
 from node.store import Partial
-from node.tls import peer_subject
+from node.tls import handshake_failure, peer_subject
 
 if TYPE_CHECKING:
     from node.receive.server import Server
@@ -157,12 +157,7 @@ class Association:
             self.sock.settimeout(timeout)
             self.sock.do_handshake()
         except (ssl.SSLError, OSError) as exc:
-            if isinstance(exc, (socket.timeout, TimeoutError)):
-                reason = f"TLS handshake not completed within {timeout:g} s"
-            elif isinstance(exc, ssl.SSLError):
-                reason = f"TLS handshake failed: {exc.reason or exc.strerror or exc}"
-            else:
-                reason = f"TLS handshake failed: {exc.strerror or type(exc).__name__}"
+            reason = handshake_failure(exc, timeout)
             logger.warning("Connection from %s:%d to the TLS port refused: %s", self.address, self.port, reason)
             self.server.audit_tls_refused(self.address, self.port, reason)
             return False
