@@ -6,9 +6,11 @@ Layout under the storage root::
     state/<StudyUID>/rev-0001.json                        one file per queued revision
     state/<StudyUID>/rev-0001.outcome.json                its outcome (analysed, no result, failed)
     state/<StudyUID>/rev-0001.send-<dest>.json            its delivery to one destination
+    state/<StudyUID>/rev-0001.lost.json                   runs of it lost with their worker (killed mid-job)
     results/<StudyUID>/<SOPInstanceUID>.dcm               the result objects made (SR, summary image, KO)
     tmp/                                                  partial writes (same file system)
     redis/                                                the embedded Redis server
+    run/workers.json                                      the pids of the workers ``ainode serve`` runs
 
 An instance is written to ``tmp/``, fsync'd, renamed to its final name and
 the folder fsync'd: only then may the C-STORE be answered with Success.
