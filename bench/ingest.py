@@ -14,6 +14,7 @@ Receivers:
 - ``storescp``: ``TCP_NODELAY=1 storescp -aet PACS -od DIR PORT`` (no fsync; one
   association at a time, so concurrent senders queue).
 - ``storescp+B``: the same with ``+B`` (bit-preserving: no dataset decode).
+- ``orthanc``: Orthanc with its defaults (files plus a SQLite index), the peer a site would run.
 - ``storescp-fork`` (not in the default list): ``--fork``, one process per association.
 - ``ainode-x2`` (not in the default list): two ainode processes, senders spread over them
   round-robin: an upper bound for several receiver processes behind one port (SO_REUSEPORT).
@@ -45,8 +46,8 @@ from typing import Any, Sequence
 
 from tests.peers import NodeProcess, dcmtk_env, free_port, kill_pid, pid_alive, short_tmp, stop_process
 
-RECEIVERS = ("ainode", "storescp", "storescp+B", "storescp-fork", "ainode-x2")
-DEFAULT_RECEIVERS = ("ainode", "storescp", "storescp+B")
+RECEIVERS = ("ainode", "storescp", "storescp+B", "orthanc", "storescp-fork", "ainode-x2")
+DEFAULT_RECEIVERS = ("ainode", "storescp", "storescp+B", "orthanc")
 READY_TIMEOUT_S = 30.0
 SENDER_TIMEOUT_S = 600.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -296,6 +297,33 @@ class Storescp(Receiver):
             self.proc = None
 
 
+class OrthancReceiver(Receiver):
+    """Orthanc (the Debian package) with its defaults: what a site would run as its DICOM store."""
+
+    name, aet = "orthanc", "ORTHANC"
+
+    def start(self) -> None:
+        from tests.peers import Orthanc
+
+        self.orthanc = Orthanc(self.workdir / "orthanc", check_called_aet=False)
+        self.port = self.orthanc.port
+        self.orthanc.start()
+        assert self.orthanc.proc is not None
+        wait_ready(self.aet, self.port, self.orthanc.proc, "Orthanc")
+
+    @property
+    def pids(self) -> list[int]:
+        assert self.orthanc.proc is not None
+        return [self.orthanc.proc.pid]
+
+    def stored_count(self) -> int:
+        return int(self.orthanc.get("/statistics")["CountInstances"])
+
+    def stop(self) -> None:
+        if hasattr(self, "orthanc"):
+            self.orthanc.stop()
+
+
 def make_receiver(name: str) -> Receiver:
     if name == "ainode":
         return Ainode()
@@ -307,6 +335,8 @@ def make_receiver(name: str) -> Receiver:
         return Storescp(name, ["--fork"])
     if name == "ainode-x2":
         return AinodeGroup(2)
+    if name == "orthanc":
+        return OrthancReceiver()
     raise ValueError(f'unknown receiver "{name}"; choose from {", ".join(RECEIVERS)}')
 
 

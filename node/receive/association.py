@@ -103,6 +103,7 @@ class Association:
         self.tls_subject: str | None = None
         self.contexts: dict[int, PresentationContext] = {}
         self.peer_max_pdu = 0
+        self.max_pdu = 0  # what the A-ASSOCIATE-AC announced (0: no limit)
         self.command = bytearray()
         self.message: _Message | None = None
         self.stopping = False
@@ -288,8 +289,9 @@ class Association:
         self.contexts = {int(cx.context_id): cx for cx in results if cx.result == 0x00}  # type: ignore[arg-type]
         self.peer_max_pdu = next((int(i.maximum_length_received or 0) for i in user_items
                                   if isinstance(i, MaximumLengthNotification)), 0)
+        self.max_pdu = self.server.limits.max_pdu
         max_pdu = MaximumLengthNotification()
-        max_pdu.maximum_length_received = self.server.limits.max_pdu
+        max_pdu.maximum_length_received = self.max_pdu
         implementation = ImplementationClassUIDNotification()
         implementation.implementation_class_uid = dimse.IMPLEMENTATION_CLASS_UID
         version = ImplementationVersionNameNotification()
@@ -327,8 +329,8 @@ class Association:
             pdu_type, length = self._header(time.monotonic() + idle, "PDU", idle)
             deadline = time.monotonic() + idle  # the body, too, must arrive within the timeout
             if pdu_type == P_DATA_TF:
-                if limits.max_pdu and length > limits.max_pdu:
-                    raise Dropped(f"sent a P-DATA-TF of {length} bytes, more than the negotiated {limits.max_pdu}",
+                if self.max_pdu and length > self.max_pdu:
+                    raise Dropped(f"sent a P-DATA-TF of {length} bytes, more than the negotiated {self.max_pdu}",
                                   abort=ABORT_INVALID_PARAMETER)
                 self._p_data(length, deadline, idle)
             elif pdu_type == A_RELEASE_RQ:
