@@ -485,6 +485,10 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     """Load and validate the config; print a short summary."""
     cfg = config.load(args.config)
     n = cfg.node
+    model = _model_summary(cfg)  # what serve will need, checked now rather than at 3 a.m.
+    problems = [p for p in (_storage_problem(n.storage), _redis_problem(cfg.redis.url)) if p]
+    if problems:
+        raise ConfigError("; ".join(problems))
     print(f"OK: {cfg.source or 'built-in defaults (no config file)'}")
     print(f"  AE title:     {n.ae_title}")
     listen = f"{n.host}:{n.port}" if n.port else "plain port off ([node] port = 0)"
@@ -501,7 +505,91 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         print(f"  {line}")
     audit = f"{cfg.audit_path}" + (f", syslog {cfg.audit.syslog}" if cfg.audit.syslog else "")
     print(f"  audit:        {audit}")
+    print(f"  model:        {model}")
+    for host, port, key in _listen_ports(cfg):
+        if not _port_free(host, port):
+            print(f"  warning: {key}: {host}:{port} is in use (by a running ainode? serve needs it free)")
     return EXIT_OK
+
+
+def _model_summary(cfg: config.Config) -> str:
+    """The model serve's workers will load, checked as they check it (file, card, hash); ConfigError if unusable."""
+    from node.errors import ModelError
+    from node.infer import resolve_model_path
+    from node.model_card import ModelCard
+    from node.preprocessing import PREPROCESSING_VERSION
+
+    try:
+        path = resolve_model_path(cfg.model.path)
+        card = ModelCard.read(path)
+        card.check(path, PREPROCESSING_VERSION)
+    except ModelError as exc:
+        text = str(exc)
+        raise ConfigError(text if text.startswith("[model]") else f"[model] path: {text}") from None
+    return f"{card.name} {card.version} ({'bundled' if not cfg.model.path else path})"
+
+
+def _storage_problem(storage: Path) -> str | None:
+    """Why serve could not create or write ``storage``, naming the key, or None.
+
+    Tried for real (access() says yes to root even where the kernel says no): the
+    folders missing are made and removed again, and a probe file is written in it.
+    """
+    import tempfile
+
+    made: list[Path] = []
+    try:
+        for folder in reversed([storage, *storage.parents]):
+            if not folder.exists():
+                folder.mkdir(mode=0o700)
+                made.append(folder)
+        fd, probe = tempfile.mkstemp(dir=storage, prefix=".ainode-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return f"[node] storage: {storage} cannot be {'written' if storage.is_dir() else 'created'}: " \
+               f"{exc.strerror or exc}"
+    finally:
+        for folder in reversed(made):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+    return None
+
+
+def _redis_problem(url: str) -> str | None:
+    """Why the configured Redis does not answer, or None (the embedded one is started by serve)."""
+    if not url:
+        return None
+    from redis.exceptions import RedisError
+
+    from node.enqueue import redis_client
+
+    try:
+        with redis_client(url, timeout=2.0, retries=0) as r:
+            r.ping()
+    except (RedisError, OSError) as exc:
+        return f"[redis] url: {mask_url(url)} does not answer: {exc}"
+    return None
+
+
+def _listen_ports(cfg: config.Config) -> list[tuple[str, int, str]]:
+    out = [(cfg.node.host, cfg.node.port, "[node] port")] if cfg.node.port else []
+    if cfg.tls.enabled:
+        out.append((cfg.node.host, cfg.tls.port, "[tls] port"))
+    return out
+
+
+def _port_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _tls_summary(cfg: config.Config) -> list[str]:

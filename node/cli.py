@@ -165,7 +165,22 @@ def build_parser() -> argparse.ArgumentParser:
     from node import admin
 
     admin.add_commands(sub)
+    _global_options_anywhere(parser)
     return parser
+
+
+def _global_options_anywhere(parser: argparse.ArgumentParser) -> None:
+    """``--config`` and ``--log-level`` after the subcommand too (``ainode config check --config F``).
+
+    Each subcommand gets both, defaulting to "not given" so the value given before it stays.
+    """
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+                sub.add_argument("--log-level", default=argparse.SUPPRESS, type=str.upper, help=argparse.SUPPRESS,
+                                 choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+                _global_options_anywhere(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

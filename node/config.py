@@ -72,6 +72,8 @@ def host_problem(value: object) -> str | None:
         return None
     except ValueError:
         pass
+    if re.fullmatch(r"[0-9.]+", value):  # digits and dots only: meant as an IPv4 address, and not one
+        return f"{value!r} is not a valid IPv4 address"
     if not _HOSTNAME.match(value):
         return f"{value!r} is not an IP address or host name"
     return None

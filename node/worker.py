@@ -215,6 +215,30 @@ class AinodeWorker(SimpleWorker):
                 logger.warning("Job %s: heartbeat not written: %s", job.id, exc)
 
 
+#: Job failures that the job itself has logged in one line (a PACS down): rq need not add a traceback.
+EXPECTED_FAILURES = ("node.send.SendError",)
+
+
+class _QuietExpectedFailures(logging.Filter):
+    """Drop rq's traceback of a job that failed in an expected way; keep every other."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and "exception raised while executing" in str(record.msg) and record.args:
+            lines = str(record.args[-1] if isinstance(record.args, tuple) else "").strip().splitlines()
+            if lines and lines[-1].startswith(EXPECTED_FAILURES):
+                return False
+        return True
+
+
+def _quiet_rq(level: str) -> str:
+    """rq's INFO chatter (every job dequeued, every heartbeat) goes to DEBUG; returns the level to give rq."""
+    rq_level = "DEBUG" if level == "DEBUG" else "WARNING"
+    logging.getLogger("rq.worker").addFilter(_QuietExpectedFailures())
+    for name in ("rq.worker", "rq.queue", "rq.scheduler", "rq.job", "rq.registry"):
+        logging.getLogger(name).setLevel(rq_level)
+    return rq_level
+
+
 def _die_with(supervisor: int) -> None:
     """Make the kernel kill this process when its supervising node dies (Linux), even by SIGKILL."""
     import ctypes
@@ -270,7 +294,8 @@ def run_worker(cfg: Config, role: str = "analyse", *, burst: bool = False, super
     worker = AinodeWorker(queues_for(role, redis), connection=redis, name=name)
     audit.application(True, f"worker {name} started")
     try:
-        worker.work(burst=burst, with_scheduler=supervisor is None, logging_level=logging.getLevelName(logging.getLogger().level))
+        rq_level = _quiet_rq(logging.getLevelName(logging.getLogger().level))
+        worker.work(burst=burst, with_scheduler=supervisor is None, logging_level=rq_level)
     finally:
         audit.application(False, f"worker {name} stopped")
         audit.close()

@@ -261,8 +261,8 @@ def test_layout_tomlkit_cannot_keep_is_refused(capsys, tmp_path):
 # ---------------------------------------------------------------- config check
 
 
-def test_config_check_ok(capsys, cfg_file):
-    text = cfg_file.read_text().replace('url = ""', 'url = "redis://:s3cret@localhost:6379/0"')
+def test_config_check_ok(capsys, cfg_file, redis_server):
+    text = cfg_file.read_text().replace('url = ""', f'url = "{redis_server.url}"')
     cfg_file.write_text(text)
     assert run(capsys, "--config", str(cfg_file), "dest", "add", "pacs", "--ae", "PACS",
                "--host", "10.0.0.5", "--port", "104")[0] == 0
@@ -271,7 +271,8 @@ def test_config_check_ok(capsys, cfg_file):
     lines = out.splitlines()
     assert lines[0] == f"OK: {cfg_file.resolve()}"
     assert "AINODE" in out and "127.0.0.1:11112" in out
-    assert "redis://:***@localhost:6379/0" in out and "s3cret" not in out
+    assert redis_server.url in out
+    assert "model:        ainode-lung-ct" in out
     assert "pacs (PACS@10.0.0.5:104)" in out
     assert "0 (any calling AE title is accepted)" in out
 
@@ -281,6 +282,50 @@ def test_config_check_invalid(capsys, cfg_file):
     rc, out, err = run(capsys, "--config", str(cfg_file), "config", "check")
     assert rc == 2 and out == ""
     assert err == f"ainode: error: {cfg_file}: [node] port: must be between 1 and 65535, got 0\n"
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("[model]", 'path = "/nonexistent/model.onnx"', "[model] path: model file /nonexistent/model.onnx not found"),
+    ("[node]", 'storage = "/proc/ainode-cannot-be-here"', "[node] storage: /proc/ainode-cannot-be-here cannot be created"),
+    ("[redis]", 'url = "redis://:s3cret@127.0.0.1:1/0"', "[redis] url: redis://:***@127.0.0.1:1/0 does not answer"),
+])
+def test_config_check_names_the_key_of_what_serve_would_lack(capsys, tmp_path, key, value, says):
+    path = tmp_path / "ainode.toml"
+    path.write_text(f"{key}\n{value}\n")
+    rc, out, err = run(capsys, "--config", str(path), "config", "check")
+    assert (rc, out) == (2, "")
+    assert err.startswith(f"ainode: error: {says}") and err.count("\n") == 1
+    assert "s3cret" not in err
+
+
+def test_a_host_that_looks_like_an_address_must_be_one(capsys, cfg_file):
+    rc, _, err = run(capsys, "--config", str(cfg_file), "ae", "allow", "CT02", "--host", "999.1.1.1")
+    assert rc == 2 and err == "ainode: error: --host: '999.1.1.1' is not a valid IPv4 address\n"
+
+
+def test_global_options_may_follow_the_subcommand(capsys, cfg_file):
+    from node.cli import main
+
+    assert main(["config", "check", "--config", str(cfg_file), "--log-level", "warning"]) == 0
+    assert capsys.readouterr().out.startswith(f"OK: {cfg_file.resolve()}")
+
+
+def test_serve_on_a_port_in_use_names_the_address(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.peers import write_config
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        cfg = write_config(tmp_path / "ainode.toml", port=port, storage=tmp_path / "storage")
+        res = subprocess.run([sys.executable, "-m", "node", "serve", "--workers", "-1", "--config", str(cfg)],
+                             capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0
+    assert res.stderr.strip().splitlines()[-1] == \
+        f"ainode: error: [node] port: cannot listen on 127.0.0.1:{port}: Address already in use"
 
 
 @pytest.mark.parametrize(

@@ -137,6 +137,9 @@ def test_a_send_retry_runs_on_time_after_a_node_restart(nodes, lung1_series, tmp
         wait_until(lambda: pacs.instances_of_study(study, "SR"), 60, "the retried send")
         late = time.monotonic() - failed_at - 20.0
         assert late < 8, f"the retry ran {late:.1f} s after it was due"
+        log = node.log_text()
+        assert "will retry" in log  # the failed try, in one line
+        assert "Traceback" not in log and "exception raised while executing" not in log
     finally:
         pacs.stop()
 

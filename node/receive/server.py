@@ -37,6 +37,7 @@ from pydicom.uid import (
 
 from node.audit import AuditError
 from node.config import Config
+from node.errors import ConfigError
 from node.receive.association import Association
 from node.receive.instance import Peer, Receiver
 from node.tls import HANDSHAKE_TIMEOUT_S
@@ -107,12 +108,20 @@ class Server:
     # --- listening -----------------------------------------------------------------------
 
     def listen(self, host: str, port: int, tls: bool = False) -> int:
-        """Listen on (host, port) (TLS with ``self.tls_context``); returns the port bound."""
+        """Listen on (host, port) (TLS with ``self.tls_context``); returns the port bound.
+
+        Raises ConfigError naming the key and the address when it cannot (in use, not this host's).
+        """
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(128)
+        try:
+            sock.bind((host, port))
+            sock.listen(128)
+        except OSError as exc:
+            sock.close()
+            key = "[tls] port" if tls else "[node] port"
+            raise ConfigError(f"{key}: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         self._listeners.append(sock)
         thread = threading.Thread(target=self._accept_loop, args=(sock, tls), daemon=True,
                                   name=f"scp-accept@{sock.getsockname()[1]}{'-tls' if tls else ''}")
