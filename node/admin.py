@@ -506,6 +506,9 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     audit = f"{cfg.audit_path}" + (f", syslog {cfg.audit.syslog}" if cfg.audit.syslog else "")
     print(f"  audit:        {audit}")
     print(f"  model:        {model}")
+    w = cfg.web
+    web = f"{'https' if w.tls else 'http'}://{w.host}:{w.port} (/healthz, /readyz, /metrics)" if w.enabled else "off"
+    print(f"  web:          {web}")
     for host, port, key in _listen_ports(cfg):
         if not _port_free(host, port):
             print(f"  warning: {key}: {host}:{port} is in use (by a running ainode? serve needs it free)")
@@ -515,8 +518,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 def _model_summary(cfg: config.Config) -> str:
     """The model serve's workers will load, checked as they check it (file, card, hash); ConfigError if unusable."""
     from node.errors import ModelError
-    from node.infer import resolve_model_path
-    from node.model_card import ModelCard
+    from node.model_card import ModelCard, resolve_model_path
     from node.preprocessing import PREPROCESSING_VERSION
 
     try:
@@ -578,6 +580,8 @@ def _listen_ports(cfg: config.Config) -> list[tuple[str, int, str]]:
     out = [(cfg.node.host, cfg.node.port, "[node] port")] if cfg.node.port else []
     if cfg.tls.enabled:
         out.append((cfg.node.host, cfg.tls.port, "[tls] port"))
+    if cfg.web.enabled:
+        out.append((cfg.web.host, cfg.web.port, "[web] port"))
     return out
 
 

@@ -47,8 +47,7 @@ def setup_logging(level: str) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from node.serve import serve
-
+    os.umask(0o077)  # everything the node and its children write is theirs alone (files 0600, folders 0700)
     cfg = config_mod.load(args.config)
     node = cfg.node
     if args.port is not None:
@@ -63,16 +62,44 @@ def _serve(args: argparse.Namespace) -> int:
              "tls": dict(cfg.tls.__dict__)}, "command line"
         )
         cfg = replace(cfg, node=node)
+    from node.store import prepare_metrics_dir
+
+    if "prometheus_client" not in sys.modules:  # the node's processes count into one folder (node.metrics)
+        try:
+            prepare_metrics_dir(cfg.node.storage)
+        except OSError as exc:
+            logging.getLogger("node").warning("Metrics of this node's processes not shared: %s", exc)
+    from node.serve import serve
+
     return serve(cfg, args.workers, args.log_level)
 
 
 def _worker(args: argparse.Namespace) -> int:
     from node.worker import run_worker
 
+    os.umask(0o077)
     cfg = config_mod.load(args.config)
     if args.storage is not None:
         cfg = replace(cfg, node=replace(cfg.node, storage=Path(args.storage).resolve()))
     return run_worker(cfg, args.role, burst=args.burst, supervisor=args.supervised_by)
+
+
+def _web(args: argparse.Namespace) -> int:
+    os.umask(0o077)
+    cfg = config_mod.load(args.config)
+    if args.storage is not None:
+        cfg = replace(cfg, node=replace(cfg.node, storage=Path(args.storage).resolve()))
+    if args.supervised_by is not None:
+        from node.worker import _die_with
+
+        _die_with(args.supervised_by)
+    from node.store import METRICS_ENV, metrics_dir
+
+    if METRICS_ENV not in os.environ and metrics_dir(cfg.node.storage).is_dir():
+        os.environ[METRICS_ENV] = str(metrics_dir(cfg.node.storage))  # the counts of the node's processes
+    from node.web.app import run_web
+
+    return run_web(cfg, args.log_level)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -146,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--burst", action="store_true", help="stop when the queue is empty")
     p.add_argument("--supervised-by", type=int, metavar="PID", help=argparse.SUPPRESS)  # set by `ainode serve`
     p.set_defaults(func=_worker)
+
+    p = sub.add_parser("web", help="serve /healthz, /readyz and /metrics ([web]; `serve` runs it too)")
+    p.add_argument("--storage", help="storage folder (overrides [node] storage)")
+    p.add_argument("--supervised-by", type=int, metavar="PID", help=argparse.SUPPRESS)  # set by `ainode serve`
+    p.set_defaults(func=_web)
 
     p = sub.add_parser("demo", help="run the whole path once in a temp folder: CT in, SR out")
     p.add_argument("--keep", action="store_true", help="keep the temp folder (logs, storage, SR)")

@@ -17,6 +17,7 @@ from typing import Callable
 from redis import Redis
 from redis.exceptions import RedisError
 
+from node import metrics
 from node.config import CompletionConfig
 from node.enqueue import JobQueue, job_id
 from node.store import Revision, Storage
@@ -184,6 +185,7 @@ class Completion:
         )
         self.storage.write_revision(rev)  # durable before the job exists: reconcile can requeue it
         self.queue.enqueue(study_uid, number)
+        metrics.STUDIES.labels(reason).inc()
         series = len(set(rev.instances.values()))
         logger.info(
             "Study %s: complete (%s), %d instances in %d series, queued revision %d as job %s",

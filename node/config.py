@@ -217,6 +217,19 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """``[web]``: the node's HTTP side (``/healthz``, ``/readyz``, ``/metrics``), a process of its own.
+
+    ``tls``: HTTPS with ``[tls] cert``/``key``.
+    """
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8112
+    tls: bool = False
+
+
+@dataclass(frozen=True)
 class SendConfig:
     """``[send]``: delivery of results to the destinations."""
 
@@ -240,6 +253,7 @@ class Config:
     tls: TLSConfig = field(default_factory=TLSConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     source: Path | None = None
 
     def destination(self, name: str) -> Destination | None:
@@ -326,7 +340,8 @@ def parse(data: Mapping[str, Any], origin: str = "<config>", base: Path | None =
     made absolute against ``base`` (default: the current directory).
     """
     ck = _Checker(origin)
-    sections = {"node", "completion", "redis", "model", "callers", "destinations", "send", "series", "tls", "audit", "storage"}
+    sections = {"node", "completion", "redis", "model", "callers", "destinations", "send", "series", "tls", "audit",
+                "storage", "web"}
     for key in data:
         if key not in sections:
             raise ck.fail(f"[{key}]", f"unknown section (known: {', '.join(sorted(sections))})")
@@ -432,9 +447,19 @@ def parse(data: Mapping[str, Any], origin: str = "<config>", base: Path | None =
     if storage_cfg.keep_days < 0:
         raise ck.fail("[storage] keep_days", f"must be 0 (keep everything) or more, got {storage_cfg.keep_days:g}")
 
+    web = ck.build(WebConfig, ck.table(data, "web"), "[web]")
+    if (p := host_problem(web.host)) is not None:
+        raise ck.fail("[web] host", p)
+    if (p := port_problem(web.port)) is not None:
+        raise ck.fail("[web] port", p)
+    if web.tls and not (tls.cert and tls.key):
+        raise ck.fail("[web] tls", "needs [tls] cert and key")
+    if web.enabled and web.port in {node.port, tls.port if tls.enabled else -1} and web.host == node.host:
+        raise ck.fail("[web] port", f"{web.port} is also a DICOM port of this node")
+
     return Config(
         node=node, completion=completion, redis=redis_cfg, model=model, callers=callers,
-        destinations=destinations, send=send, series=series, tls=tls, audit=audit, storage=storage_cfg,
+        destinations=destinations, send=send, series=series, tls=tls, audit=audit, storage=storage_cfg, web=web,
     )
 
 

@@ -105,6 +105,7 @@ def run_demo(keep: bool = False, slices: int | None = None) -> int:
     cfg.write_text(
         f'[node]\nport = {port}\nstorage = "{work / "storage"}"\nmin_free_mb = 100\n'
         "[completion]\nquiet_seconds = 2\n"
+        f"[web]\nport = {_free_port()}\n"
         f'[[destinations]]\nname = "demo-pacs"\nae_title = "{PACS_AE}"\nhost = "127.0.0.1"\nport = {pacs.port}\n'
     )
     print(f"ainode demo in {work}")

@@ -23,6 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from node.config import DEVICES
+from node.model_card import BUNDLED_MODEL_NAME, bundled_model_path, resolve_model_path  # noqa: F401 (re-exported)
 from node.errors import ModelError
 from node.model_card import ModelCard
 from node.preprocessing import PREPROCESSING_VERSION, Peak, locate_peaks, prepare_slices
@@ -30,7 +31,6 @@ from node.preprocessing import PREPROCESSING_VERSION, Peak, locate_peaks, prepar
 logger = logging.getLogger(__name__)
 
 #: The file name of the model that ships with ainode, in ``node/models/``.
-BUNDLED_MODEL_NAME = "ainode-lung-ct.onnx"
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -39,29 +39,6 @@ CPU = "CPUExecutionProvider"
 _ORT_LOG_SEVERITY = 3
 
 _TOPK_MEAN = re.compile(r"top(\d+)_mean")
-
-
-def bundled_model_path() -> Path:
-    """Where the bundled model lives (the file may not be installed)."""
-    return Path(__file__).resolve().parent / "models" / BUNDLED_MODEL_NAME
-
-
-def resolve_model_path(configured: str) -> Path:
-    """The model file for the config value ``model.path`` ("" = the bundled model).
-
-    Raises ModelError, naming the path, if there is no such file.
-    """
-    if not configured:
-        path = bundled_model_path()
-        if not path.is_file():
-            raise ModelError(
-                f"bundled model {path} is not installed: set [model] path in the config to a model file"
-            )
-        return path
-    path = Path(configured).expanduser()
-    if not path.is_file():
-        raise ModelError(f"[model] path: model file {path} not found")
-    return path
 
 
 def aggregate(slice_scores: np.ndarray, method: str) -> float:

@@ -15,6 +15,8 @@ from typing import Any
 
 from node.errors import ModelError
 
+BUNDLED_MODEL_NAME = "ainode-lung-ct.onnx"
+
 CARD_SUFFIX = ".card.json"
 
 
@@ -97,3 +99,26 @@ class ModelCard:
             raise ModelError(f"{model_path}: sha256 {actual[:12]}... does not match its card ({self.sha256[:12]}...)")
         if self.input_shape[-1] != 2 * self.context + 1 or self.input_shape[1:3] != [self.size, self.size]:
             raise ModelError(f"{card_path(model_path)}: input_shape {self.input_shape} does not match size/context")
+
+
+def bundled_model_path() -> Path:
+    """Where the bundled model lives (the file may not be installed)."""
+    return Path(__file__).resolve().parent / "models" / BUNDLED_MODEL_NAME
+
+
+def resolve_model_path(configured: str) -> Path:
+    """The model file for the config value ``model.path`` ("" = the bundled model).
+
+    Raises ModelError, naming the path, if there is no such file.
+    """
+    if not configured:
+        path = bundled_model_path()
+        if not path.is_file():
+            raise ModelError(
+                f"bundled model {path} is not installed: set [model] path in the config to a model file"
+            )
+        return path
+    path = Path(configured).expanduser()
+    if not path.is_file():
+        raise ModelError(f"[model] path: model file {path} not found")
+    return path

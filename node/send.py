@@ -27,6 +27,7 @@ from redis import Redis
 from rq import Queue, Retry, get_current_job
 from rq.job import Job
 
+from node import metrics
 from node.audit import Outcome
 from node.config import Config, Destination, TLSConfig
 from node.errors import AinodeError
@@ -202,6 +203,7 @@ def send_result(study_uid: str, revision: int, destination: str, force: bool = F
         delivery = c_store(paths, dest, cfg.node.ae_title, cfg.send.timeout_seconds, cfg.tls)
     except (SendError, OSError, AinodeError) as exc:  # AinodeError: [tls] files that no longer load
         last = job is None or not job.retries_left
+        metrics.SENDS.labels(destination, "dead" if last else "failed").inc()
         _write_state(storage, study_uid, revision, destination, status="dead" if last else "retrying",
                      attempts=attempts, last_error=str(exc), at=time.time(), objects=sent)
         if last:
@@ -215,6 +217,7 @@ def send_result(study_uid: str, revision: int, destination: str, force: bool = F
                               Outcome.SERIOUS_FAILURE if last else Outcome.MINOR_FAILURE,
                               f"{'given up after' if last else 'will be retried after'} attempt {attempts}: {exc}")
         raise SendError(str(exc)) from None
+    metrics.SENDS.labels(destination, "sent").inc()
     codes = ", ".join(f"0x{c:04X}" for c in delivery.statuses)
     _write_state(storage, study_uid, revision, destination, status="sent", attempts=attempts,
                  status_code=f"0x{delivery.status:04X}", statuses=codes, at=time.time(), objects=sent)

@@ -27,6 +27,7 @@ from rq.job import Job
 from rq.worker import Worker as RQWorker
 
 from node import config as config_mod
+from node import metrics
 from node.audit import Action, AuditError, AuditTrail, Outcome, open_trail
 from node.completion import Completion
 from node.config import Config
@@ -70,7 +71,7 @@ class WorkerPool:
         self.cfg = cfg
         self.on_death = on_death
         self.pidfile = Path(cfg.node.storage) / "run" / "workers.json"
-        self.roles = ["send"] + ["analyse"] * analysers
+        self.roles = ["send"] + ["analyse"] * analysers + (["web"] if cfg.web.enabled else [])
         self.log_level = log_level
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * len(self.roles)
         self.started_at = [0.0] * len(self.roles)
@@ -81,6 +82,8 @@ class WorkerPool:
         cmd = [sys.executable, "-m", "node", "--log-level", self.log_level]
         if self.cfg.source is not None:
             cmd += ["--config", str(self.cfg.source)]
+        if role == "web":
+            return cmd + ["web", "--storage", str(self.cfg.node.storage), "--supervised-by", str(os.getpid())]
         return cmd + ["worker", "--role", role, "--storage", str(self.cfg.node.storage),
                       "--supervised-by", str(os.getpid())]
 
@@ -97,9 +100,10 @@ class WorkerPool:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:
                 continue
-            if b"worker" not in cmdline or storage not in cmdline or not pid_alive(pid):
+            if b"--supervised-by" not in cmdline or storage not in cmdline or not pid_alive(pid):
                 continue  # gone, or the pid now belongs to something else
-            logger.warning("Stopping worker pid %d left running by an earlier node on this storage", pid)
+            logger.warning("Stopping pid %d (a worker or web process) left running by an earlier node on this storage",
+                           pid)
             _stop_pid(pid)
             stopped += 1
         self.pidfile.unlink(missing_ok=True)
@@ -278,6 +282,7 @@ class Node:
 
     def _worker_died(self, role: str, pid: int, why: str) -> None:
         """A worker this node started died: recover its job now, not when rq would notice."""
+        metrics.WORKER_DEATHS.labels(role).inc()
         try:
             recover_worker(self.redis, worker_name(role, pid), why, self._lost_run)
         except RedisError as exc:

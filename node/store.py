@@ -59,6 +59,29 @@ def check_uid(uid: object, name: str = "UID", strict: bool = False) -> str:
     return uid
 
 
+METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def metrics_dir(storage: Path) -> Path:
+    """Where the processes of ``ainode serve`` keep their Prometheus counts (node.metrics)."""
+    return Path(storage) / "run" / "metrics"
+
+
+def prepare_metrics_dir(storage: Path, empty: bool = True) -> Path:
+    """Point this process and its children at ``<storage>/run/metrics`` (emptied first with ``empty``).
+
+    Must run before prometheus_client is imported: it picks its mode at import.
+    """
+    path = metrics_dir(storage)
+    if empty:
+        shutil.rmtree(path, ignore_errors=True)
+    Path(storage).mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    for folder in (path.parent, path):  # 0700 each: mkdir(parents=True) would make them 0755
+        folder.mkdir(mode=DIR_MODE, exist_ok=True)
+    os.environ[METRICS_ENV] = str(path)
+    return path
+
+
 def fsync_dir(path: Path) -> None:
     """fsync a directory so a rename or create inside it is durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -355,6 +378,25 @@ class Storage:
         try:
             return list(json.loads(self.lost_runs_path(study_uid, revision).read_text()))
         except (FileNotFoundError, ValueError):
+            return []
+
+    @property
+    def ready_dir(self) -> Path:
+        return self.root / "run" / "ready"
+
+    def worker_ready(self, name: str) -> Path:
+        """Mark the worker ``name`` (ainode-<role>-<host>-<pid>) ready; returns the mark, removed at its exit."""
+        for folder in (self.ready_dir.parent, self.ready_dir):
+            folder.mkdir(mode=DIR_MODE, exist_ok=True)
+        path = self.ready_dir / name
+        path.touch(mode=FILE_MODE)
+        return path
+
+    def ready_workers(self) -> list[str]:
+        """The names of the workers that marked themselves ready (some may have died since)."""
+        try:
+            return sorted(os.listdir(self.ready_dir))
+        except FileNotFoundError:
             return []
 
     def result_path(self, study_uid: str, sop_uid: str) -> Path:

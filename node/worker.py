@@ -29,6 +29,7 @@ from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.worker import WorkerStatus
 
+from node import metrics
 from node.audit import Action, AuditTrail, Outcome
 from node.config import Config
 from node.context import WorkerContext, context, redis_for, set_context
@@ -148,6 +149,9 @@ def _analyse(ctx: WorkerContext, study_uid: str, revision: int) -> dict[str, Any
     dz, dy, dx = (s if s > 0 else 1.0 for s in vol.spacing)  # a missing Pixel Spacing: 1 mm, for suppression only
     spacing = (dz, dy, dx)
     analysis = model.analyse(vol.hu, spacing=spacing, max_peaks=ctx.cfg.model.max_findings, batch_size=ANALYSE_BATCH)
+    provider = analysis.providers[0] if analysis.providers else "unknown"
+    metrics.INFERENCE_SECONDS.labels(provider).observe(analysis.seconds)
+    metrics.INFERENCE_SLICES.labels(provider).inc(int(vol.hu.shape[0]))
     card = model.card
     info = ModelInfo(card.name, card.version, card.sha256, threshold_source, analysis.aggregation, analysis.located)
     result = make_result(study_uid, revision, vol, analysis, info, threshold, ctx.cfg.model.max_findings)
@@ -196,11 +200,16 @@ class AinodeWorker(SimpleWorker):
         done = threading.Event()
         beat = threading.Thread(target=self._beat, args=(job, execution, done), daemon=True, name="job-heartbeat")
         beat.start()
+        started = time.monotonic()
         try:
             self.perform_job(job, queue, execution)
         finally:
             done.set()
             beat.join(5)
+            status = job.get_status(refresh=True)
+            outcome = getattr(status, "value", status) or "unknown"  # finished, failed, scheduled (a retry)
+            metrics.JOBS.labels(job.origin, outcome).inc()
+            metrics.JOB_SECONDS.labels(job.origin, outcome).observe(time.monotonic() - started)
         self.set_state(WorkerStatus.IDLE)
 
     def _beat(self, job: Job, execution: Any, done: threading.Event) -> None:
@@ -293,10 +302,12 @@ def run_worker(cfg: Config, role: str = "analyse", *, burst: bool = False, super
     name = worker_name(role, os.getpid())
     worker = AinodeWorker(queues_for(role, redis), connection=redis, name=name)
     audit.application(True, f"worker {name} started")
+    ready = storage.worker_ready(name)  # for /readyz: ready (its model loaded) whatever Redis remembers
     try:
         rq_level = _quiet_rq(logging.getLevelName(logging.getLogger().level))
         worker.work(burst=burst, with_scheduler=supervisor is None, logging_level=rq_level)
     finally:
+        ready.unlink(missing_ok=True)
         audit.application(False, f"worker {name} stopped")
         audit.close()
     return 0

@@ -216,8 +216,9 @@ class RedisServer:
 
 def write_config(path: Path, *, port: int, storage: Path, redis_url: str = "", quiet: float = 1.0,
                  max_wait: float = 1800, min_free_mb: int = 1, callers: Iterable[tuple[str, str | None]] = (),
-                 ae_title: str = "AINODE", extra: str = "", node_extra: str = "") -> Path:
-    """A config file for a test node; ``node_extra``: more lines of its [node] table."""
+                 ae_title: str = "AINODE", extra: str = "", node_extra: str = "", web_port: int = 0) -> Path:
+    """A config file for a test node; ``node_extra``: more lines of its [node] table; ``web_port``
+    0 turns [web] off (the tests that want it pick a free port)."""
     lines = [
         "[node]",
         f'ae_title = "{ae_title}"',
@@ -231,6 +232,9 @@ def write_config(path: Path, *, port: int, storage: Path, redis_url: str = "", q
         f"max_wait_seconds = {max_wait}",
         "[redis]",
         f'url = "{redis_url}"',
+        "[web]",
+        f"enabled = {'true' if web_port else 'false'}",
+        f"port = {web_port or 8112}",
     ]
     for ae, host in callers:
         lines += ["[[callers]]", f'ae_title = "{ae}"'] + ([f'host = "{host}"'] if host else [])
@@ -243,7 +247,8 @@ class NodeProcess:
 
     def __init__(self, workdir: Path, *, redis_url: str = "", quiet: float = 1.0, max_wait: float = 1800,
                  min_free_mb: int = 1, callers: Iterable[tuple[str, str | None]] = (), port: int | None = None,
-                 workers: int = -1, extra_config: str = "", node_config: str = "", storage: Path | None = None) -> None:
+                 workers: int = -1, extra_config: str = "", node_config: str = "", storage: Path | None = None,
+                 web_port: int = 0) -> None:
         self.workdir = workdir
         self.workers = workers
         self.port = port or free_port()
@@ -251,7 +256,9 @@ class NodeProcess:
         self.config = write_config(
             workdir / "ainode.toml", port=self.port, storage=self.storage, redis_url=redis_url, quiet=quiet,
             max_wait=max_wait, min_free_mb=min_free_mb, callers=callers, extra=extra_config, node_extra=node_config,
+            web_port=web_port,
         )
+        self.web_port = web_port
         self.log = workdir / "node.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.redis_url = redis_url

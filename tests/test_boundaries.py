@@ -10,6 +10,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 HEAVY = {"onnxruntime", "tensorflow", "tf2onnx", "highdicom", "keras", "torch"}
+WEB = {"starlette", "uvicorn", "anyio"}
 RECEIVE_PATH = ["node.config", "node.receive", "node.store", "node.completion", "node.enqueue", "node.serve", "node.cli"]
 
 
@@ -37,7 +38,15 @@ def test_receive_path_loads_no_heavy_library():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     loaded = {m.split(".")[0] for m in json.loads(out.stdout)}
     assert loaded & HEAVY == set()
+    assert loaded & WEB == set()  # the web stack runs in a process of its own
     assert "training" not in loaded
+
+
+def test_the_web_process_loads_no_model_runtime():
+    code = ("import json, sys\nimport node.web.app\nprint(json.dumps(sorted(m for m in sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    loaded = {m.split(".")[0] for m in json.loads(out.stdout)}
+    assert loaded & HEAVY == set() and "starlette" in loaded
 
 
 def test_node_never_imports_training_or_tensorflow():

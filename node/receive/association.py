@@ -35,6 +35,7 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
+from node import metrics
 from node.receive import dimse
 from node.receive.instance import CANNOT_UNDERSTAND, CANNOT_UNDERSTAND_MISSING_UID, OUT_OF_RESOURCES, Peer, StoreRequest
 from node.receive.pdu import (
@@ -55,6 +56,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+_REJECT_NAMES = {
+    REJECT_CALLING_AE: "calling_ae", REJECT_CALLED_AE: "called_ae", REJECT_LOCAL_LIMIT: "local_limit",
+    REJECT_PROTOCOL_VERSION: "protocol_version", REJECT_APPLICATION_CONTEXT: "application_context",
+    REJECT_NO_REASON: "no_reason",
+}
 UNRECOGNIZED_OPERATION = 0x0211
 _ITEM = struct.Struct(">LBB")
 
@@ -169,6 +175,7 @@ class Association:
     def _drop(self, drop: Dropped) -> None:
         who = str(self.peer) if self.established else f"{self.address}:{self.port}"
         logger.warning("Connection from %s dropped: %s", who, drop.why)
+        metrics.DROPPED.labels(metrics.drop_reason(drop.why)).inc()
         if drop.abort is not None:
             self._send_quietly(abort_pdu(drop.abort))
         self.server.audit_dropped(self.peer, drop.why)
@@ -215,6 +222,7 @@ class Association:
         logger.warning("Association from %s@%s to %s: rejected, %s", escaped(calling) or "?", self.address,
                        escaped(called), why)
         result, source, diagnostic = reason
+        metrics.ASSOCIATIONS.labels("rejected", _REJECT_NAMES.get(reason, "other")).inc()
         self._send_quietly(bytes((0x03, 0, 0, 0, 0, 4, 0, result, source, diagnostic)))
         self.server.audit_association(calling, self.address, self.port, called, why, self.tls_subject)
 
@@ -314,6 +322,7 @@ class Association:
         pdu.from_primitive(ac)
         self._send(pdu.encode())
         self.reader.grow(BUFFER_SIZE)
+        metrics.ASSOCIATIONS.labels("accepted", "").inc()
         tls = "" if self.tls_subject is None else f" (TLS, client {self.tls_subject or 'without certificate'})"
         logger.info("Association from %s to %s: accepted%s", self.peer, escaped(str(rq.called_ae_title).strip()),
                     tls)
@@ -454,8 +463,12 @@ class Association:
                     (None, message.request.sop_instance if message.request else None, None))
             else:
                 assert message.request is not None and message.partial is not None
+                size = message.partial.size - message.head
                 status, comment = self.server.receiver.store(self.peer, message.request, message.partial,
                                                              message.head)
+                if status == 0x0000:
+                    metrics.RECEIVED_BYTES.inc(size)
+            metrics.INSTANCES.labels(f"0x{status:04X}").inc()
             message.discard()
         else:
             logger.warning("Association from %s: command 0x%04X not supported here", self.peer, field)

@@ -35,6 +35,7 @@ from pydicom.uid import (
     JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless, RLELossless,
 )
 
+from node import metrics
 from node.audit import AuditError
 from node.config import Config
 from node.errors import ConfigError
@@ -169,6 +170,7 @@ class Server:
         if now - self._refusals_logged.get(host, -REFUSAL_LOG_EVERY_S) >= REFUSAL_LOG_EVERY_S:
             self._refusals_logged[host] = now
             logger.warning("Connection from %s:%d closed at once: %s (logged once a minute per host)", host, port, why)
+        metrics.DROPPED.labels("connection_limit").inc()
         self.audit_dropped(Peer("", host, port), f"closed at once: {why}")
 
     # --- the connections' bookkeeping ---------------------------------------------------
