@@ -143,6 +143,32 @@ def _results_resend(args: argparse.Namespace) -> int:
     return 0
 
 
+def _results_reanalyse(args: argparse.Namespace) -> int:
+    import getpass
+
+    from node.audit import Action, Outcome, open_trail
+    from node.history import reanalyse
+    from node.store import Storage, check_uid
+    from node.worker import redis_for
+
+    cfg = config_mod.load(args.config)
+    study_uid = check_uid(args.study_uid, "Study Instance UID")
+    try:
+        rev = reanalyse(Storage(cfg.node.storage), redis_for(cfg), study_uid)
+    except LookupError as exc:
+        print(f"ainode: error: {exc.args[0]}", file=sys.stderr)
+        return 2
+    audit = open_trail(cfg.audit_path, cfg.node.ae_title, "cli", cfg.audit.syslog)
+    try:
+        audit.job(study_uid, rev.revision, Action.EXECUTE, Outcome.SUCCESS,
+                  f"re-analysis requested by {getpass.getuser()}: revision {rev.revision} of "
+                  f"{len(rev.instances)} instances queued")
+    finally:
+        audit.close()
+    print(f"queued revision {rev.revision} of {study_uid} ({len(rev.instances)} instances) as job {rev.job_id}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ainode", description="DICOM node for lung-CT AI results.")
     parser.add_argument("--version", action="version", version=f"ainode {__version__}")
@@ -193,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("study_uid")
     q.add_argument("--dest", help="only this destination")
     q.set_defaults(func=_results_resend)
+    q = rsub.add_parser("reanalyse", help="analyse a study again: a new revision of the same instances, "
+                                          "its result objects superseding the last")
+    q.add_argument("study_uid")
+    q.set_defaults(func=_results_reanalyse)
 
     from node import admin
 

@@ -6,6 +6,7 @@ Read from the files (the truth) and, for jobs still in flight, from rq.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -14,10 +15,10 @@ from redis.exceptions import RedisError
 from rq.job import Job
 
 from node.config import Config
-from node.enqueue import job_id
+from node.enqueue import JobQueue, job_id
 from node.results.facts import percent
 from node.send import enqueue_send, read_send_state
-from node.store import Storage
+from node.store import Revision, Storage
 
 logger = logging.getLogger(__name__)
 
@@ -112,3 +113,21 @@ def resend(storage: Storage, cfg: Config, redis: Redis, study_uid: str, destinat
         if cfg.destination(name) is None:
             raise LookupError(f"unknown destination {name!r}")
     return [enqueue_send(redis, cfg, study_uid, rev, name, force=True) for name in names]
+
+
+def reanalyse(storage: Storage, redis: Redis, study_uid: str) -> Revision:
+    """Queue a new revision of the same instances as the latest one; its result objects supersede the last.
+
+    For a revision that failed for good, or a result to redo with a new model or threshold.
+    """
+    last = storage.latest_revision(study_uid)
+    if last is None:
+        raise LookupError(f"study {study_uid} has no revision yet (still within its quiet period?)")
+    if not storage.has_outcome(study_uid, last.revision):
+        raise LookupError(f"study {study_uid} revision {last.revision} is still queued or being analysed")
+    instances = {i.sop_uid: i.series_uid for i in storage.instances(study_uid)}
+    number = last.revision + 1
+    rev = Revision(study_uid, number, instances, time.time(), "reanalyse", job_id(study_uid, number))
+    storage.write_revision(rev)  # durable before the job exists, as completion does
+    JobQueue(redis).enqueue(study_uid, number)
+    return rev

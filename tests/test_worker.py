@@ -206,3 +206,34 @@ def test_a_rescale_that_clips_every_value_gives_no_result(ctx, lung1_series, tmp
     assert "fall outside the int16 HU range after RescaleSlope/RescaleIntercept" in outcome["reason"]
     assert not (ctx.storage.results / study).exists()
     assert ctx.redis.llen(f"rq:queue:{SEND_QUEUE}") == 0  # nothing to send
+
+
+def test_reanalyse_queues_a_new_revision_whose_sr_supersedes_the_last(ctx, lung1_series, tmp_path):
+    import subprocess
+    import sys
+
+    from node.history import reanalyse
+
+    study = store_series(ctx.storage, lung1_series, 1)
+    with pytest.raises(LookupError, match="still queued or being analysed"):
+        reanalyse(ctx.storage, ctx.redis, study)  # nothing to redo before the first analysis ends
+    assert analyse_study(study, 1) == "analysed"
+    # the CLI, as an admin types it (real Redis, real storage, audited)
+    cfg = tmp_path / "ainode.toml"
+    cfg.write_text(f'[node]\nstorage = "{ctx.storage.root}"\n[redis]\nurl = "redis://127.0.0.1:'
+                   f'{ctx.redis.connection_pool.connection_kwargs["port"]}/0"\n')
+    out = subprocess.run([sys.executable, "-m", "node", "results", "reanalyse", study, "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert f"queued revision 2 of {study} (48 instances)" in out.stdout
+    rev = ctx.storage.read_revision(study, 2)
+    assert rev.reason == "reanalyse" and rev.instances == ctx.storage.read_revision(study, 1).instances
+    assert ctx.redis.lrange(f"rq:queue:{QUEUE_NAME}", 0, -1) == [rev.job_id.encode()]
+    assert analyse_study(study, 2) == "analysed"
+    sr1 = ctx.storage.read_outcome(study, 1)["objects"]["sr-comprehensive"]
+    sr2 = pydicom.dcmread(ctx.storage.results / study / ctx.storage.read_outcome(study, 2)["objects"]["sr-comprehensive"])
+    refs = [i.ReferencedSOPInstanceUID for s in sr2.PredecessorDocumentsSequence
+            for se in s.ReferencedSeriesSequence for i in se.ReferencedSOPSequence]
+    assert refs == [Path(sr1).stem] and sr2.InstanceNumber == 2
+    audit = (ctx.storage.root / "audit.jsonl").read_text()
+    assert "re-analysis requested by" in audit
