@@ -108,6 +108,27 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(keep=args.keep, slices=args.slices)
 
 
+def _local(t: float | None, seconds: bool = False) -> str:
+    import datetime as dt
+
+    form = "%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M"
+    return dt.datetime.fromtimestamp(t).astimezone().strftime(form) if t else "-"
+
+
+def _since(text: str) -> float:
+    """``--since``: a duration back from now (``90m``, ``24h``, ``7d``) or a date (``2026-12-01``)."""
+    import datetime as dt
+    import time
+
+    units = {"m": 60, "h": 3600, "d": 86400}
+    if text[-1:] in units and text[:-1].replace(".", "", 1).isdigit():
+        return time.time() - float(text[:-1]) * units[text[-1]]
+    try:
+        return dt.datetime.fromisoformat(text).astimezone().timestamp()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a duration (90m, 24h, 7d) nor a date (2026-12-01)")
+
+
 def _results_list(args: argparse.Namespace) -> int:
     import json
 
@@ -116,14 +137,34 @@ def _results_list(args: argparse.Namespace) -> int:
     from node.worker import redis_for
 
     cfg = config_mod.load(args.config)
-    states = list_states(Storage(cfg.node.storage), cfg, redis_for(cfg))
+    states = list_states(Storage(cfg.node.storage), cfg, redis_for(cfg), args.state or (), args.since)
     if args.json:
         print(json.dumps([s.to_json() for s in states], indent=1))
         return 0
     if not states:
-        print(f"no studies in {cfg.node.storage}")
+        print(f"no studies{' matching' if args.state or args.since else ''} in {cfg.node.storage}")
     for s in states:
-        print(f"{s.study_uid}  r{s.revision}  {s.instances:5d} inst  {s.state:9s}  {s.detail}")
+        print(f"{_local(s.last_at)}  {s.state:9s}  {s.study_uid}  r{s.revision}  {s.instances:4d} inst  "
+              f"received {_local(s.received_at)}  {s.detail}")
+    return 0
+
+
+def _results_show(args: argparse.Namespace) -> int:
+    from node.history import study_state, timeline
+    from node.store import Storage, check_uid
+    from node.worker import redis_for
+
+    cfg = config_mod.load(args.config)
+    storage = Storage(cfg.node.storage)
+    uid = check_uid(args.study_uid, "Study Instance UID")
+    if uid not in storage.study_uids():
+        print(f"ainode: error: no study {uid} in {cfg.node.storage}", file=sys.stderr)
+        return 2
+    st = study_state(storage, cfg, redis_for(cfg), uid)
+    print(f"study {uid}: {st.state}, revision {st.revision}, {st.instances} instances")
+    print(f"  {st.detail}")
+    for at, what in timeline(storage, cfg.audit_path, uid):
+        print(f"  {_local(at, seconds=True)}  {what}")
     return 0
 
 
@@ -212,9 +253,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("results", help="what happened to each study")
     rsub = p.add_subparsers(dest="results_command", required=True, metavar="ACTION")
-    q = rsub.add_parser("list", help="each study's state: received, queued, analysed, sent, failed (+ reason)")
+    from node.history import STATES
+
+    q = rsub.add_parser("list", help="each study's state, the most recently active first")
     q.add_argument("--json", action="store_true")
+    q.add_argument("--state", action="append", choices=STATES, help="only studies in this state (repeatable)")
+    q.add_argument("--since", type=_since, help="only studies active since: 90m, 24h, 7d or a date")
     q.set_defaults(func=_results_list)
+    q = rsub.add_parser("show", help="one study: its state and its timeline, as it happened")
+    q.add_argument("study_uid")
+    q.set_defaults(func=_results_show)
     q = rsub.add_parser("resend", help="send a study's latest result again")
     q.add_argument("study_uid")
     q.add_argument("--dest", help="only this destination")

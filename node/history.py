@@ -5,10 +5,11 @@ Read from the files (the truth) and, for jobs still in flight, from rq.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Iterable
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -17,10 +18,14 @@ from rq.job import Job
 from node.config import Config
 from node.enqueue import JobQueue, job_id
 from node.results.facts import percent
-from node.send import enqueue_send, read_send_state
+from node.send import enqueue_send
 from node.store import Revision, Storage
 
 logger = logging.getLogger(__name__)
+
+
+#: The states a study can be in, in the order a study goes through them.
+STATES = ("waiting", "queued", "analysing", "analysed", "no result", "failed", "sent", "retrying", "dead")
 
 
 @dataclass(frozen=True)
@@ -28,9 +33,11 @@ class StudyState:
     study_uid: str
     instances: int
     revision: int
-    state: str  # received | queued | running | analysed | sent | no_result | failed
+    state: str  # one of STATES
     detail: str
     score: float | None = None
+    received_at: float | None = None  # the first instance's file time (epoch seconds)
+    last_at: float | None = None  # the latest instance, revision, outcome or send
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -48,54 +55,91 @@ def _job_status(redis: Redis | None, jid: str) -> tuple[str, str]:
     if status == "failed":
         lines = (job.latest_result().exc_string if job.latest_result() else "") or ""
         return "failed", (lines.strip().splitlines() or ["failed"])[-1]
-    return ("running" if status == "started" else "queued"), f"job {status}"
+    return ("analysing" if status == "started" else "queued"), f"job {status}"
+
+
+def _mtime(path: Any) -> float | None:
+    try:
+        return float(path.stat().st_mtime)
+    except OSError:
+        return None
+
+
+def recorded_sends(storage: Storage, study_uid: str, revision: int) -> list[dict[str, Any]]:
+    """The deliveries of a revision as recorded when each was tried (whatever today's config says)."""
+    folder = storage.revision_path(study_uid, revision).parent
+    out = []
+    for path in sorted(folder.glob(f"rev-{revision:04d}.send-*.json")):
+        try:
+            out.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return out
 
 
 def study_state(storage: Storage, cfg: Config, redis: Redis | None, study_uid: str) -> StudyState:
     """The state of one study, from disk first."""
-    instances = len(storage.instances(study_uid))
+    files = storage.instances(study_uid)
+    instances = len(files)
+    received = min((i.mtime for i in files), default=None)
+    last = max((i.mtime for i in files), default=None)
     revisions = storage.revisions(study_uid)
     if not revisions:
-        return StudyState(study_uid, instances, 0, "received", "waiting for the quiet period")
+        return StudyState(study_uid, instances, 0, "waiting", "for the quiet period", None, received, last)
     rev = revisions[-1]
+    times = [t for t in (last, _mtime(storage.revision_path(study_uid, rev)),
+                         _mtime(storage.outcome_path(study_uid, rev))) if t]
     outcome = storage.read_outcome(study_uid, rev)
     lost = storage.lost_runs(study_uid, rev)
     lost_note = (f"; {len(lost)} run(s) lost with their worker (last: {lost[-1].get('why')}, "
                  f"{lost[-1].get('then')})" if lost else "")
+
+    def state(name: str, detail: str, score: float | None = None) -> StudyState:
+        return StudyState(study_uid, instances, rev, name, detail + lost_note, score, received, max(times))
+
     if outcome is None:
-        state, detail = _job_status(redis, job_id(study_uid, rev))
-        return StudyState(study_uid, instances, rev, state, detail + lost_note)
+        return state(*_job_status(redis, job_id(study_uid, rev)))
     if outcome["status"] != "analysed":
-        return StudyState(study_uid, instances, rev, outcome["status"], outcome.get("reason", "") + lost_note)
+        return state("no result" if outcome["status"] == "no_result" else "failed", outcome.get("reason", ""))
     result = outcome["result"]
-    sends = []
-    worst = "sent"
-    for dest in cfg.destinations:
-        s = read_send_state(storage, study_uid, rev, dest.name) or {"status": "queued"}
-        if s["status"] == "sent":
-            sends.append(f"{dest.name}: sent")
-        else:
-            err = f" ({s.get('last_error')})" if s.get("last_error") else ""
-            sends.append(f"{dest.name}: {s['status']}{err}")
-            worst = "failed" if s["status"] == "dead" else ("analysed" if worst != "failed" else worst)
-    if not cfg.destinations:
-        worst = "analysed"
-        sends.append("no destinations configured")
+    sends = recorded_sends(storage, study_uid, rev)
+    times += [float(s["at"]) for s in sends if isinstance(s.get("at"), (int, float))]
+    order = {"dead": 3, "retrying": 2, "dropped": 1, "sent": 0}
+    worst = max((s.get("status", "sent") for s in sends), key=lambda x: order.get(x, 0), default=None)
+    name = {"dead": "dead", "retrying": "retrying", None: "analysed"}.get(worst, "sent")
+    described = []
+    for s in sends:
+        err = f" ({s.get('last_error') or s.get('reason')})" if s.get("status") != "sent" and \
+            (s.get("last_error") or s.get("reason")) else ""
+        described.append(f"{s.get('destination')}: {s.get('status')}{err}")
+    if not sends:
+        described.append("not sent yet" if cfg.destinations else "no destinations configured")
     positive = result["score"] >= result["threshold"]
     located = len(result.get("findings", []))
     detail = (f"{percent(result['score'])} at threshold {percent(result['threshold'])} "
               f"({'positive' if positive else 'negative'}{f', {located} located' if located else ''}); "
-              + "; ".join(sends) + lost_note)
-    return StudyState(study_uid, instances, rev, worst, detail, result["score"])
+              + "; ".join(described))
+    return state(name, detail, result["score"])
 
 
-def list_states(storage: Storage, cfg: Config, redis: Redis | None) -> list[StudyState]:
+def list_states(storage: Storage, cfg: Config, redis: Redis | None, states: Iterable[str] = (),
+                since: float | None = None) -> list[StudyState]:
+    """Every study's state, the most recently active first; only ``states`` (if given), only since ``since``."""
     if redis is not None:
         try:
             redis.ping()
         except RedisError:
             redis = None
-    return [study_state(storage, cfg, redis, uid) for uid in storage.study_uids()]
+    wanted = set(states)
+    out = []
+    for uid in storage.study_uids():
+        st = study_state(storage, cfg, redis, uid)
+        if wanted and st.state not in wanted:
+            continue
+        if since is not None and (st.last_at or 0) < since:
+            continue
+        out.append(st)
+    return sorted(out, key=lambda st: st.last_at or 0, reverse=True)
 
 
 def resend(storage: Storage, cfg: Config, redis: Redis, study_uid: str, destination: str | None = None) -> list[str]:
@@ -131,3 +175,61 @@ def reanalyse(storage: Storage, redis: Redis, study_uid: str) -> Revision:
     storage.write_revision(rev)  # durable before the job exists, as completion does
     JobQueue(redis).enqueue(study_uid, number)
     return rev
+
+
+def _object_names(sop_classes: set[str]) -> str:
+    from node.results.objects import SOP_CLASSES
+
+    names = {uid: kind.split("-")[0].upper() for kind, uid in SOP_CLASSES.items()}
+    return ", ".join(sorted(names.get(uid, uid) for uid in sop_classes))
+
+
+def timeline(storage: Storage, audit_path: Any, study_uid: str) -> list[tuple[float, str]]:
+    """What happened to a study, oldest first, from the audit trail and the state files.
+
+    Stored instances are told in batches (one line per association and minute);
+    each revision's completion, each job start and end with its reason, each
+    send try and each run lost with its worker, as recorded when it happened.
+    """
+    import datetime as dt
+
+    events: list[tuple[float, str]] = []
+    batches: dict[tuple[str, int], list[float]] = {}
+    try:
+        lines = open(audit_path, encoding="ascii", errors="replace").read().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        if study_uid not in line:
+            continue
+        try:
+            event = json.loads(line)
+            at = dt.datetime.fromisoformat(event["time"].replace("Z", "+00:00")).timestamp()
+        except (ValueError, KeyError):
+            continue
+        code = event.get("event_id", {}).get("code")
+        what = event.get("outcome_description", "")
+        if code == "110104" and what == "stored":  # instances transferred in: batched
+            source = next((p.get("user_id", "?") for p in event.get("participants", []) if p.get("requestor")), "?")
+            batches.setdefault((source, int(at // 60)), []).append(at)
+            continue
+        revision = next((o.get("detail", {}).get("revision") for o in event.get("objects", [])
+                         if isinstance(o.get("detail"), dict)), None)
+        if code == "110104":  # instances transferred out: to whom, and what
+            to = next((p.get("user_id") for p in event.get("participants", []) if not p.get("requestor")), None)
+            kinds = {(o.get("description") or {}).get("sop_class", {}).get("uid") for o in event.get("objects", [])}
+            kinds.discard(None)
+            what = f"{what}{f' to {to}' if to else ''}{f' ({_object_names(kinds)})' if kinds else ''}"
+        events.append((at, f"{f'r{revision} ' if revision else ''}{what}"))
+    for (source, _), times in batches.items():
+        events.append((min(times), f"{len(times)} instance(s) stored from {source}"))
+    for rev in storage.revisions(study_uid):
+        try:
+            r = storage.read_revision(study_uid, rev)
+        except (OSError, ValueError, KeyError):
+            continue
+        if r.completed_at:
+            events.append((r.completed_at, f"r{rev} complete ({r.reason}), {len(r.instances)} instances queued"))
+        for lost in storage.lost_runs(study_uid, rev):
+            events.append((float(lost.get("at", 0)), f"r{rev} run lost: {lost.get('why')}; {lost.get('then')}"))
+    return sorted(events)

@@ -8,6 +8,7 @@ and highdicom.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -109,7 +110,27 @@ def test_lung1_to_orthanc_sr_in_same_study(nodes, pacs, lung1_series, test_model
         dump = subprocess.run(["dsrdump", str(sr_files[0])], capture_output=True, text=True)
         assert dump.returncode == 0 and "Imaging Measurement Report" in dump.stdout
     state = {s["study_uid"]: s for s in results_list(node)}[study]
-    assert state["state"] == "sent"
+    assert state["state"] == "sent" and "pacs: sent" in state["detail"]
+    assert state["received_at"] <= state["last_at"]
+    show = subprocess.run([sys.executable, "-m", "node", "results", "show", study, "--config", str(node.config)],
+                          capture_output=True, text=True, check=True, cwd=node.workdir).stdout
+    artifacts = Path(os.environ.get("AINODE_ARTIFACTS") or Path(__file__).parent / "artifacts")
+    artifacts.mkdir(parents=True, exist_ok=True)
+    (artifacts / "results-show.txt").write_text(show)  # what an admin reads
+    lines = show.splitlines()
+    assert lines[0] == f"study {study}: sent, revision 1, 48 instances"
+    story = "\n".join(lines[2:])
+    for step in ("48 instance(s) stored from STORESCU", "r1 complete (quiet), 48 instances queued",
+                 "r1 analysis started", "r1 analysed, 3 object(s) made"):
+        assert step in story, (step, show)
+    assert story.index("stored from") < story.index("complete (quiet)") < story.index("analysis started")
+    assert "sent" in lines[-1]  # the delivery, last
+    listed = subprocess.run([sys.executable, "-m", "node", "results", "list", "--state", "sent", "--since", "1h",
+                             "--config", str(node.config)], capture_output=True, text=True, check=True).stdout
+    assert study in listed
+    none = subprocess.run([sys.executable, "-m", "node", "results", "list", "--state", "dead",
+                           "--config", str(node.config)], capture_output=True, text=True, check=True).stdout
+    assert study not in none
 
 
 def test_pacs_down_then_back_delivers(nodes, lung1_series, test_model, tmp_path):
@@ -136,7 +157,7 @@ def test_wrong_ae_at_pacs_recorded_then_resend_works(nodes, pacs, lung1_series, 
     wait_until(lambda: (send_state(node, study) or {}).get("status") == "dead", 90, "the send to be dead-lettered")
     assert "rejected" in send_state(node, study)["last_error"]
     state = {s["study_uid"]: s for s in results_list(node)}[study]
-    assert state["state"] == "failed" and "rejected" in state["detail"]
+    assert state["state"] == "dead" and "rejected" in state["detail"]
     from node.cli import main
 
     assert main(["--config", str(node.config), "dest", "remove", "pacs"]) == 0
