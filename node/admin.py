@@ -642,8 +642,61 @@ def _guarded(func: Command) -> Command:
     return run
 
 
+def _read_password() -> str:
+    """From the terminal (asked twice), or the first line of standard input (scripts, tests)."""
+    import getpass
+
+    if not sys.stdin.isatty():
+        return sys.stdin.readline().rstrip("\n")
+    first = getpass.getpass("password: ")
+    if getpass.getpass("again: ") != first:
+        raise AdminError("the two passwords differ")
+    return first
+
+
+def cmd_user_add(args: argparse.Namespace) -> int:
+    from node.users import Users
+
+    cfg = config.load(args.config)
+    Users(cfg.node.storage).add(args.name, _read_password(), args.role)
+    print(f"user {args.name} ({args.role}) added; the web page knows it at the next login")
+    return EXIT_OK
+
+
+def cmd_user_remove(args: argparse.Namespace) -> int:
+    from node.users import Users
+
+    cfg = config.load(args.config)
+    Users(cfg.node.storage).remove(args.name)
+    print(f"user {args.name} removed (a session already open ends within a minute)")
+    return EXIT_OK
+
+
+def cmd_user_list(args: argparse.Namespace) -> int:
+    from node.users import Users
+
+    cfg = config.load(args.config)
+    users = Users(cfg.node.storage).list()
+    for u in users:
+        print(f"{u.name}  {u.role}")
+    if not users:
+        print("no users: add one with `ainode user add NAME --role admin`")
+    return EXIT_OK
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register `ae`, `dest` and `config` sub-commands; each sets args.func(args) -> int."""
+    """Register `ae`, `dest`, `config` and `user` sub-commands; each sets args.func(args) -> int."""
+    user = subparsers.add_parser("user", help="who may log in to the web page")
+    user_sub = user.add_subparsers(dest="user_command", metavar="{add,remove,list}", required=True)
+    p = user_sub.add_parser("add", help="add a user (or set a new password); the password is asked for")
+    p.add_argument("name")
+    p.add_argument("--role", choices=["viewer", "admin"], default="viewer")
+    p.set_defaults(func=_guarded(cmd_user_add))
+    p = user_sub.add_parser("remove", help="remove a user")
+    p.add_argument("name")
+    p.set_defaults(func=_guarded(cmd_user_remove))
+    p = user_sub.add_parser("list", help="list the users and their roles")
+    p.set_defaults(func=_guarded(cmd_user_list))
     ae = subparsers.add_parser("ae", help="calling AE titles allowed to send to this node")
     ae_sub = ae.add_subparsers(dest="ae_command", metavar="{list,allow,deny}", required=True)
     p = ae_sub.add_parser("list", help="list the allowed callers")

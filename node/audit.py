@@ -81,6 +81,7 @@ class EventID:
     INSTANCES_TRANSFERRED = Code("110104", "DICOM Instances Transferred")
     STUDY_DELETED = Code("110105", "DICOM Study Deleted")
     SECURITY_ALERT = Code("110113", "Security Alert")
+    USER_AUTHENTICATION = Code("110114", "User Authentication")
 
 
 class EventType:
@@ -89,6 +90,8 @@ class EventType:
     APPLICATION_START = Code("110120", "Application Start")
     APPLICATION_STOP = Code("110121", "Application Stop")
     NODE_AUTHENTICATION = Code("110126", "Node Authentication")
+    LOGIN = Code("110122", "Login")
+    LOGOUT = Code("110123", "Logout")
     SECURITY_CONFIGURATION = Code("110129", "Security Configuration")
     SOFTWARE_CONFIGURATION = Code("110131", "Software Configuration")
 
@@ -396,6 +399,17 @@ class AuditTrail:
             "action": Action.EXECUTE.value, "outcome": int(Outcome.MINOR_FAILURE),
             "outcome_description": f"connection refused: {reason}",
             "participants": [Participant("?", True, address=address).to_json() | {"port": port},
+                             self._us().to_json()],
+        })
+
+    def user_authentication(self, user: str, address: str, login: bool, ok: bool, description: str) -> None:
+        """User Authentication / Login or Logout of the web page (PS3.15 A.5.3.11): 0 or 4 (refused)."""
+        self.record({
+            "event_id": EventID.USER_AUTHENTICATION.to_json(),
+            "event_type": [(EventType.LOGIN if login else EventType.LOGOUT).to_json()],
+            "action": Action.EXECUTE.value, "outcome": int(Outcome.SUCCESS if ok else Outcome.MINOR_FAILURE),
+            "outcome_description": description,
+            "participants": [Participant(user or "?", True, address=address).to_json(),
                              self._us().to_json()],
         })
 

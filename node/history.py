@@ -177,11 +177,15 @@ def reanalyse(storage: Storage, redis: Redis, study_uid: str) -> Revision:
     return rev
 
 
-def _object_names(sop_classes: set[str]) -> str:
-    from node.results.objects import SOP_CLASSES
+#: The result objects' SOP classes by the names people know them by (node.results.objects makes them).
+_OBJECT_NAMES = {
+    "1.2.840.10008.5.1.4.1.1.88.33": "SR", "1.2.840.10008.5.1.4.1.1.88.22": "SR",
+    "1.2.840.10008.5.1.4.1.1.88.34": "SR", "1.2.840.10008.5.1.4.1.1.7": "SC", "1.2.840.10008.5.1.4.1.1.88.59": "KO",
+}
 
-    names = {uid: kind.split("-")[0].upper() for kind, uid in SOP_CLASSES.items()}
-    return ", ".join(sorted(names.get(uid, uid) for uid in sop_classes))
+
+def _object_names(sop_classes: set[str]) -> str:
+    return ", ".join(sorted(_OBJECT_NAMES.get(uid, uid) for uid in sop_classes))
 
 
 def timeline(storage: Storage, audit_path: Any, study_uid: str) -> list[tuple[float, str]]:

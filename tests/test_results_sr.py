@@ -339,3 +339,11 @@ def test_three_hundred_sources_are_all_evidence(sources: list[Dataset]) -> None:
     sr = build(many, res=result(many))
     (evidence,) = sr.CurrentRequestedProcedureEvidenceSequence
     assert sum(len(s.ReferencedSOPSequence) for s in evidence.ReferencedSeriesSequence) == 300
+
+
+def test_the_timelines_object_names_match_the_objects_made():
+    from node.history import _OBJECT_NAMES
+    from node.results.objects import SOP_CLASSES
+
+    assert {uid: _OBJECT_NAMES[uid] for uid in SOP_CLASSES.values()} == \
+        {uid: kind.split("-")[0].upper() for kind, uid in SOP_CLASSES.items()}

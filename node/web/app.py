@@ -20,7 +20,7 @@ from node.web.health import Health, StateCollector
 logger = logging.getLogger(__name__)
 
 
-def create_app(cfg: Config, health: Health) -> Starlette:
+def create_app(cfg: Config, health: Health, audit: Any = None) -> Starlette:
     state = StateCollector(health)
 
     async def healthz(request: Request) -> Response:
@@ -49,7 +49,13 @@ def create_app(cfg: Config, health: Health) -> Starlette:
     async def metrics(request: Request) -> Response:
         return Response(await run_in_threadpool(render_metrics), media_type=CONTENT_TYPE_LATEST)
 
-    return Starlette(routes=[Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics)])
+    pages: list[Any] = []
+    if audit is not None:  # the results page (it needs the audit trail: logins and actions are audited)
+        from node.web.pages import Pages, routes
+
+        pages = routes(Pages(cfg, health.redis, audit))
+    return Starlette(routes=[Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics),
+                             *pages])
 
 
 def run_web(cfg: Config, log_level: str = "INFO") -> int:
@@ -58,15 +64,22 @@ def run_web(cfg: Config, log_level: str = "INFO") -> int:
 
     from node.context import redis_for
 
+    from node.audit import open_trail
+
     health = Health(cfg, redis_for(cfg))
-    app = create_app(cfg, health)
+    audit = open_trail(cfg.audit_path, cfg.node.ae_title, "web", cfg.audit.syslog)
+    app = create_app(cfg, health, audit)
     ssl: dict[str, Any] = {}
     if cfg.web.tls:
         ssl = {"ssl_certfile": cfg.tls.cert, "ssl_keyfile": cfg.tls.key}
     scheme = "https" if cfg.web.tls else "http"
-    logger.info("ainode web on %s://%s:%d (/healthz, /readyz, /metrics)", scheme, cfg.web.host, cfg.web.port)
+    logger.info("ainode web on %s://%s:%d (the results page; /healthz, /readyz, /metrics)", scheme, cfg.web.host,
+                cfg.web.port)
     server = uvicorn.Server(uvicorn.Config(app, host=cfg.web.host, port=cfg.web.port, access_log=False,
                                            log_level="warning" if log_level != "DEBUG" else "debug",
                                            lifespan="off", **ssl))
-    server.run()
+    try:
+        server.run()
+    finally:
+        audit.close()
     return 0

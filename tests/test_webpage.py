@@ -1,0 +1,178 @@
+"""The results page as people use it: an admin in headless Chromium (puppeteer-core, Debian's chromium) logs
+in, finds a study that went through the node end to end, opens it and re-analyses it; a viewer may look
+but not act; a form without its CSRF token is refused; a wrong password is audited. Screenshots go to
+$AINODE_ARTIFACTS (else tests/artifacts/)."""
+
+from __future__ import annotations
+
+import http.cookiejar
+import json
+import os
+import re
+import subprocess
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from tests.peers import NodeProcess, Orthanc, free_port, have, short_tmp, storescu, wait_until
+from tests.viewer import _kill_group, _last_json, chromium_binary, ohif_cache_dir, puppeteer_dir
+
+pytestmark = pytest.mark.skipif(not (have("storescu") and have("Orthanc")), reason="needs DCMTK and Orthanc")
+DRIVER = Path(__file__).parent / "web" / "admin_session.js"
+ADMIN, VIEWER = ("ada", "a long admin passphrase"), ("vic", "a long viewer passphrase")
+
+
+def artifacts() -> Path:
+    path = Path(os.environ.get("AINODE_ARTIFACTS") or Path(__file__).parent / "artifacts")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class Browser:
+    """A cookie-keeping HTTP client, for what needs no JavaScript."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+
+    def request(self, path: str, form: dict[str, str] | None = None) -> tuple[int, str]:
+        data = urllib.parse.urlencode(form).encode() if form is not None else None
+        try:
+            with self.opener.open(self.base + path, data=data, timeout=20) as rsp:
+                return rsp.status, rsp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+        except urllib.error.URLError:
+            return 0, ""  # nothing listens (yet)
+
+    def login(self, user: str, password: str) -> tuple[int, str]:
+        return self.request("/login", {"user": user, "password": password})
+
+    def csrf(self, path: str) -> str:
+        _, page = self.request(path)
+        match = re.search(r'name="csrf" value="([^"]+)"', page)
+        assert match, "no CSRF token on the page"
+        return match.group(1)
+
+
+@pytest.fixture(scope="module")
+def test_model(tmp_path_factory) -> Path:
+    from node.testmodel import build_test_model
+
+    path = tmp_path_factory.mktemp("model") / "test-cnn.onnx"
+    build_test_model(path, size=64, context=1)
+    return path
+
+
+def add_user(node: NodeProcess, name: str, password: str, role: str) -> None:
+    subprocess.run([sys.executable, "-m", "node", "user", "add", name, "--role", role, "--config", str(node.config)],
+                   input=password + "\n", text=True, check=True, capture_output=True)
+
+
+def test_an_admin_reanalyses_from_the_page_and_a_viewer_cannot(nodes, test_model, lung1_series):
+    pacs = Orthanc(short_tmp("orthanc-")).start()
+    try:
+        _session(nodes, test_model, lung1_series, pacs)
+    finally:
+        pacs.stop()
+
+
+def _session(nodes, test_model, lung1_series, pacs) -> None:
+    web_port = free_port()
+    extra = (f'[model]\npath = "{test_model}"\ndevice = "cpu"\n'
+             f'[[destinations]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = {pacs.port}\n'
+             'objects = ["sr"]\n')
+    node = NodeProcess(short_tmp(), quiet=1.0, workers=1, extra_config=extra, web_port=web_port)
+    nodes.append(node)
+    add_user(node, *ADMIN, "admin")
+    add_user(node, *VIEWER, "viewer")
+    assert oct((node.storage / "users.json").stat().st_mode & 0o777) == "0o600"
+    assert "a long admin passphrase" not in (node.storage / "users.json").read_text()
+    node.start()
+    base = f"http://127.0.0.1:{web_port}"
+    wait_until(lambda: Browser(base).request("/healthz")[0] == 200, 30, "the web process")
+    assert storescu(lung1_series, node.port).returncode == 0
+    study = str(pydicom.dcmread(lung1_series[0], stop_before_pixels=True).StudyInstanceUID)
+    wait_until(lambda: pacs.instances_of_study(study, "SR"), 90, "the SR at the PACS")
+
+    # logged out: the page sends to the login, the API says 401
+    anon = Browser(base)
+    status, page = anon.request("/")
+    assert status == 200 and 'action="/login"' in page
+    assert anon.request("/api/studies")[0] == 401
+    # a wrong password: refused and audited with the name tried
+    assert anon.login("ada", "not the passphrase")[0] == 401
+    # a viewer sees the study, but may not act, even with the right CSRF token
+    viewer = Browser(base)
+    assert viewer.login(*VIEWER)[0] == 200
+    status, listing = viewer.request("/")
+    assert status == 200 and study in listing and "DEMO^LUNG1" in listing
+    status, page = viewer.request(f"/studies/{study}")
+    assert status == 200 and 'id="reanalyse"' not in page  # no buttons for a viewer
+    token = viewer.csrf(f"/studies/{study}")  # the logout form's
+    assert viewer.request(f"/studies/{study}/reanalyse", {"csrf": token})[0] == 403
+    # an admin's form without its CSRF token (a forged cross-site post) is refused
+    admin = Browser(base)
+    assert admin.login(*ADMIN)[0] == 200
+    assert admin.request(f"/studies/{study}/reanalyse", {"csrf": "forged"})[0] == 403
+    assert admin.request(f"/studies/{study}/reanalyse", {})[0] == 403
+    status, body = admin.request(f"/api/studies/{study}")
+    assert status == 200 and json.loads(body)["state"]["state"] == "sent"
+    assert len(list((node.storage / "state" / study).glob("rev-*.json"))) >= 1
+    assert [p.name for p in (node.storage / "state" / study).glob("rev-0002.json")] == []  # nothing done yet
+
+    # the admin, in a real browser
+    reason = _browser_unavailable()
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    shots = artifacts()
+    run = _admin_session(base, study, shots)
+    assert run["ok"], run
+    assert run["listed"] and run["revision_before"] == "revision 1" and run["message"] == "revision 2 queued"
+    assert run["score"] and run["score"].endswith("%")
+    assert all(Path(p).stat().st_size > 5000 for p in run["shots"])
+    wait_until(lambda: len(pacs.instances_of_study(study, "SR")) == 2, 30, "the second SR at the PACS")
+
+    events = [json.loads(line) for line in (node.storage / "audit.jsonl").read_text().splitlines()]
+    logins = [e for e in events if e["event_id"]["code"] == "110114"]
+    refused = [e for e in logins if e["outcome"] == 4]
+    assert any(e["participants"][0]["user_id"] == "ada" and "wrong user name or password" in
+               e["outcome_description"] for e in refused)
+    assert any("CSRF" in e["outcome_description"] for e in refused)
+    assert {e["participants"][0]["user_id"] for e in logins if e["outcome"] == 0} >= {"ada", "vic"}
+    actions = [e["outcome_description"] for e in events if "requested by ada (web" in e["outcome_description"]]
+    assert len(actions) == 1 and actions[0].startswith("reanalyse requested by ada")
+
+
+def _browser_unavailable() -> str | None:
+    missing = []
+    if chromium_binary() is None:
+        missing.append("chromium")
+    if not have("node") or not (puppeteer_dir() / "package.json").exists():
+        missing.append("node + puppeteer-core (bash tests/ohif/install.sh)")
+    return f"the page's browser test needs {', '.join(missing)}" if missing else None
+
+
+def _admin_session(base: str, study: str, shots: Path) -> dict:
+    args = {"base": base, "user": ADMIN[0], "password": ADMIN[1], "study": study, "shots": str(shots),
+            "chromium": chromium_binary(), "timeoutMs": 100000}
+    env = {**os.environ, "NODE_PATH": str(ohif_cache_dir() / "node_modules"), "WEB_ARGS": json.dumps(args)}
+    proc = subprocess.Popen(["node", str(DRIVER)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        _kill_group(proc)
+    result = _last_json(out)
+    assert result is not None, f"admin_session.js exited {proc.returncode}:\n{out[-2000:]}\n{err[-3000:]}"
+    return result
