@@ -64,7 +64,10 @@ def _serve(args: argparse.Namespace) -> int:
         cfg = replace(cfg, node=node)
     from node.store import prepare_metrics_dir
 
-    if "prometheus_client" not in sys.modules:  # the node's processes count into one folder (node.metrics)
+    if "prometheus_client" in sys.modules:  # imported before its mode could be set: a bug, said loudly
+        logging.getLogger("node").error("prometheus_client was imported too early: /metrics will not sum the "
+                                        "node's processes")
+    else:  # the node's processes count into one folder (node.metrics)
         try:
             prepare_metrics_dir(cfg.node.storage)
         except OSError as exc:

@@ -18,7 +18,6 @@ from rq.job import Job
 from node.config import Config
 from node.enqueue import JobQueue, job_id
 from node.results.facts import percent
-from node.send import enqueue_send
 from node.store import Revision, Storage
 
 logger = logging.getLogger(__name__)
@@ -144,6 +143,8 @@ def list_states(storage: Storage, cfg: Config, redis: Redis | None, states: Iter
 
 def resend(storage: Storage, cfg: Config, redis: Redis, study_uid: str, destination: str | None = None) -> list[str]:
     """Queue the latest analysed result of a study again; returns the job ids."""
+    from node.send import enqueue_send
+
     for rev in reversed(storage.revisions(study_uid)):
         outcome = storage.read_outcome(study_uid, rev)
         if outcome and outcome["status"] == "analysed":

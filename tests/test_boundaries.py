@@ -42,6 +42,13 @@ def test_receive_path_loads_no_heavy_library():
     assert "training" not in loaded
 
 
+def test_the_cli_does_not_load_prometheus_client_before_serve_sets_its_mode():
+    code = ("import sys\nfrom node.cli import build_parser\nbuild_parser()\n"
+            "print('prometheus_client' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "False"  # else /metrics cannot sum the node's processes (node.metrics)
+
+
 def test_the_web_process_loads_no_model_runtime():
     code = ("import json, sys\nimport node.web.app, node.web.pages\nprint(json.dumps(sorted(m for m in sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)

@@ -131,7 +131,12 @@ def _scrape_and_follow(node, pacs, prometheus, lung1_series, web_port, redis) ->
         'ainode_inference_slices_total{provider="CPUExecutionProvider"}': 48,
         'up{job="ainode"}': 1,
     }
-    wait_until(lambda: all(query(base, e) is not None for e in wanted), 30, "Prometheus to scrape the node")
+    try:
+        wait_until(lambda: all(query(base, e) is not None for e in wanted), 30, "Prometheus to scrape the node")
+    except AssertionError:
+        missing = [e for e in wanted if query(base, e) is None]
+        targets = get(f"{base}/api/v1/targets")[1]["data"]["activeTargets"]
+        raise AssertionError(f"not scraped: {missing}; targets: {[(t['health'], t['lastError']) for t in targets]}")
     got = {expr: query(base, expr) for expr in wanted}
     assert got == {expr: float(v) for expr, v in wanted.items()}
     assert query(base, "ainode_received_bytes_total") == sum(p.stat().st_size for p in lung1_series) or \
