@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
@@ -139,6 +141,61 @@ def list_states(storage: Storage, cfg: Config, redis: Redis | None, states: Iter
             continue
         out.append(st)
     return sorted(out, key=lambda st: st.last_at or 0, reverse=True)
+
+
+_UID_NAME = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+#: States that change only when a file of the study changes (the others also follow Redis: re-read each time).
+_SETTLED = {"analysed", "no result", "failed", "sent", "retrying", "dead"}
+
+
+class StateCache:
+    """Study states for a long-lived reader (the web page): each kept until a folder of its study changes.
+
+    A study's signature is the modification times of its state folder, its
+    study folder and each series folder: every file the node writes for it
+    (an instance, a revision, an outcome, a delivery) is created or renamed
+    into one of them. 10 000 studies cost a few stats each instead of their
+    JSON files.
+    """
+
+    def __init__(self) -> None:
+        self._states: dict[str, tuple[tuple[int, ...], StudyState]] = {}
+
+    @staticmethod
+    def _mtimes(folder: Any) -> dict[str, int]:
+        """name -> mtime of each UID-named subfolder, from one scandir."""
+        out = {}
+        try:
+            with os.scandir(folder) as entries:
+                for e in entries:
+                    if e.is_dir(follow_symlinks=False) and _UID_NAME.match(e.name):
+                        out[e.name] = e.stat(follow_symlinks=False).st_mtime_ns
+        except OSError:
+            pass
+        return out
+
+    def states(self, storage: Storage, cfg: Config, redis: Redis | None) -> list[StudyState]:
+        if redis is not None:
+            try:
+                redis.ping()
+            except RedisError:
+                redis = None
+        studies = self._mtimes(storage.studies)
+        states = self._mtimes(storage.state)
+        out = []
+        for uid, study_mtime in studies.items():
+            sig = (states.get(uid, 0), study_mtime, *sorted(self._mtimes(storage.studies / uid).values()))
+            kept = self._states.get(uid)
+            if kept is not None and kept[0] == sig:
+                out.append(kept[1])
+                continue
+            st = study_state(storage, cfg, redis, uid)
+            if st.state in _SETTLED:
+                self._states[uid] = (sig, st)
+            out.append(st)
+        for gone in set(self._states) - set(studies):
+            del self._states[gone]
+        return sorted(out, key=lambda st: st.last_at or 0, reverse=True)
 
 
 def resend(storage: Storage, cfg: Config, redis: Redis, study_uid: str, destination: str | None = None) -> list[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from starlette.templating import Jinja2Templates
 
 from node.audit import Action, AuditError, AuditTrail, Outcome
 from node.config import Config
-from node.history import STATES, list_states, reanalyse, resend, study_state, timeline
+from node.history import STATES, StateCache, reanalyse, resend, study_state, timeline
 from node.results.facts import percent
 from node.store import Storage, check_uid
 from node.users import User, Users
@@ -62,6 +63,9 @@ class Pages:
         self.storage = Storage(cfg.node.storage)
         self.users = Users(cfg.node.storage)
         self.sessions: dict[str, Session] = {}
+        self.cache = StateCache()
+        self._heads: dict[str, dict[str, str]] = {}  # study -> patient, accession, sender (as first received)
+        self._cache_lock = threading.Lock()
 
     # --- sessions -------------------------------------------------------------------------
 
@@ -205,7 +209,9 @@ class Pages:
         return uid if uid in self.storage.study_uids() else None
 
     def _rows(self, state: str | None) -> list[Any]:
-        return list_states(self.storage, self.cfg, self.redis, [state] if state else ())
+        with self._cache_lock:  # one request at a time refreshes the cache
+            rows = self.cache.states(self.storage, self.cfg, self.redis)
+        return [r for r in rows if r.state == state] if state else rows
 
     def _headers(self, rows: list[Any]) -> list[dict[str, str]]:
         """Patient, accession and sender as the PACS sent them, from one instance's header (shown rows only)."""
@@ -213,6 +219,9 @@ class Pages:
 
         out = []
         for row in rows:
+            if row.study_uid in self._heads:
+                out.append(self._heads[row.study_uid])
+                continue
             files = self.storage.instances(row.study_uid)
             head: dict[str, str] = {}
             if files:
@@ -223,6 +232,8 @@ class Pages:
                             "sender": str(ds.file_meta.get("SourceApplicationEntityTitle", ""))}
                 except Exception:  # an unreadable header: the row still shows
                     head = {}
+            if head:
+                self._heads[row.study_uid] = head
             out.append(head)
         return out
 
