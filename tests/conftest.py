@@ -67,3 +67,23 @@ def redis_server():
     server = RedisServer().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def test_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small real ONNX model (node.testmodel) with a card and a score map: fast analyses."""
+    from node.testmodel import build_test_model
+
+    path = tmp_path_factory.mktemp("model") / "test-cnn.onnx"
+    build_test_model(path, size=64, context=1)
+    return path
+
+
+@pytest.fixture
+def pacs() -> Iterator:
+    """A throw-away Orthanc as the PACS (DICOM and HTTP on free 127.0.0.1 ports)."""
+    from tests.peers import Orthanc, short_tmp
+
+    orthanc = Orthanc(short_tmp("orthanc-")).start()
+    yield orthanc
+    orthanc.stop()

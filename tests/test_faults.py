@@ -31,12 +31,6 @@ def ct200(tmp_path_factory, lung1_image_path) -> list[Path]:
     return make_lung1_series(tmp_path_factory.mktemp("ct200"), n_slices=200, cache_dir=lung1_image_path.parent)
 
 
-@pytest.fixture
-def pacs():
-    orthanc = Orthanc(short_tmp("orthanc-")).start()
-    yield orthanc
-    orthanc.stop()
-
 
 def start_node(nodes: list, dest_port: int, first_retry_s: float = 2.0, workdir: Path | None = None) -> NodeProcess:
     extra = (

@@ -19,27 +19,13 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate, generate_frames
 
-from tests.peers import NodeProcess, Orthanc, dcmtk_env, scu_store, free_port, have, short_tmp, storescu, wait_until
+from tests.peers import NodeProcess, dcmtk_env, scu_store, free_port, have, short_tmp, storescu, wait_until
 
 pytestmark = pytest.mark.skipif(
     not (have("storescu") and have("Orthanc")), reason="needs DCMTK and Orthanc (apt-get install dcmtk orthanc)"
 )
 
 
-@pytest.fixture(scope="module")
-def test_model(tmp_path_factory) -> Path:
-    from node.testmodel import build_test_model
-
-    path = tmp_path_factory.mktemp("model") / "test-cnn.onnx"
-    build_test_model(path, size=64, context=1)
-    return path
-
-
-@pytest.fixture
-def pacs():
-    orthanc = Orthanc(short_tmp("orthanc-")).start()
-    yield orthanc
-    orthanc.stop()
 
 
 def node_with(nodes, model: Path, dest_port: int, dest_ae: str = "ORTHANC", quiet: float = 1.0,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from tests.peers import (NodeProcess, Orthanc, RedisServer, free_port, have, short_tmp, stop_process, storescu,
+from tests.peers import (NodeProcess, RedisServer, free_port, have, short_tmp, stop_process, storescu,
                          wait_until)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,20 +31,6 @@ def get(url: str) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read())
 
 
-@pytest.fixture(scope="module")
-def test_model(tmp_path_factory) -> Path:
-    from node.testmodel import build_test_model
-
-    path = tmp_path_factory.mktemp("model") / "test-cnn.onnx"
-    build_test_model(path, size=64, context=1)
-    return path
-
-
-@pytest.fixture
-def pacs():
-    orthanc = Orthanc(short_tmp("orthanc-")).start()
-    yield orthanc
-    orthanc.stop()
 
 
 @pytest.fixture

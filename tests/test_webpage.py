@@ -60,14 +60,6 @@ class Browser:
         return match.group(1)
 
 
-@pytest.fixture(scope="module")
-def test_model(tmp_path_factory) -> Path:
-    from node.testmodel import build_test_model
-
-    path = tmp_path_factory.mktemp("model") / "test-cnn.onnx"
-    build_test_model(path, size=64, context=1)
-    return path
-
 
 def add_user(node: NodeProcess, name: str, password: str, role: str) -> None:
     subprocess.run([sys.executable, "-m", "node", "user", "add", name, "--role", role, "--config", str(node.config)],
