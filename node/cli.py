@@ -93,9 +93,9 @@ def _web(args: argparse.Namespace) -> int:
     if args.storage is not None:
         cfg = replace(cfg, node=replace(cfg.node, storage=Path(args.storage).resolve()))
     if args.supervised_by is not None:
-        from node.worker import _die_with
+        from node.jobs import die_with
 
-        _die_with(args.supervised_by)
+        die_with(args.supervised_by)
     from node.store import METRICS_ENV, metrics_dir
 
     if METRICS_ENV not in os.environ and metrics_dir(cfg.node.storage).is_dir():

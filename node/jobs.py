@@ -161,3 +161,18 @@ class Scheduling:
             self.scheduler.release_locks()
         except RedisError:
             pass
+
+
+def die_with(supervisor: int) -> None:
+    """Make the kernel kill this process when its supervising node dies (Linux), even by SIGKILL."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        logger.warning("Cannot tie this process to its node (no prctl): it may outlive a killed node")
+    if os.getppid() != supervisor:  # the node died before the tie was made
+        logger.error("The node (pid %d) that started this process is gone: exiting", supervisor)
+        os._exit(1)

@@ -55,7 +55,7 @@ ABANDONED_EVERY_S = 10.0
 class WorkerPool:
     """The worker processes ``ainode serve`` runs beside the SCP: one sender, N analysers.
 
-    Each worker dies with the node (node.worker._die_with: the kernel kills it
+    Each worker dies with the node (node.jobs.die_with: the kernel kills it
     when the node dies, even by SIGKILL); their pids are kept in
     ``<storage>/run/workers.json`` so that a node starting on the same storage
     stops any still running (from a node that could not tie them). A worker

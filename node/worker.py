@@ -35,7 +35,7 @@ from node.config import Config
 from node.context import WorkerContext, context, redis_for, set_context
 from node.enqueue import QUEUE_NAME
 from node.errors import NoUsableSeriesError, StudyLimitError, VolumeError
-from node.jobs import EXECUTION_TTL_S, HEARTBEAT_S, worker_name
+from node.jobs import EXECUTION_TTL_S, HEARTBEAT_S, die_with, worker_name
 from node.results.facts import Finding, KeyImage, ModelInfo, Result, SourceImage
 from node.results.objects import all_kinds, ensure_object
 from node.send import SEND_QUEUE, enqueue_send
@@ -248,21 +248,6 @@ def _quiet_rq(level: str) -> str:
     return rq_level
 
 
-def _die_with(supervisor: int) -> None:
-    """Make the kernel kill this process when its supervising node dies (Linux), even by SIGKILL."""
-    import ctypes
-    import signal
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        logger.warning("Cannot tie this worker to its node (no prctl): it may outlive a killed node")
-    if os.getppid() != supervisor:  # the node died before the tie was made
-        logger.error("The node (pid %d) that started this worker is gone: exiting", supervisor)
-        os._exit(1)
-
-
 def queues_for(role: str, redis: Redis) -> list[Queue]:
     name = {"analyse": QUEUE_NAME, "send": SEND_QUEUE}[role]
     return [Queue(name, connection=redis)]
@@ -275,7 +260,7 @@ def run_worker(cfg: Config, role: str = "analyse", *, burst: bool = False, super
     dies with that node, and leaves scheduling to it (node.jobs.Scheduling).
     """
     if supervisor is not None:
-        _die_with(supervisor)
+        die_with(supervisor)
     storage = Storage(cfg.node.storage)
     storage.prepare(clear_tmp=False)  # the node may be writing there right now
     redis = redis_for(cfg)

@@ -50,7 +50,8 @@ def test_the_cli_does_not_load_prometheus_client_before_serve_sets_its_mode():
 
 
 def test_the_web_process_loads_no_model_runtime():
-    code = ("import json, sys\nimport node.web.app, node.web.pages\nprint(json.dumps(sorted(m for m in sys.modules)))")
+    code = ("import json, sys\nimport node.web.app, node.web.pages, node.jobs\n"
+            "print(json.dumps(sorted(m for m in sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     loaded = {m.split(".")[0] for m in json.loads(out.stdout)}
     assert loaded & HEAVY == set() and "starlette" in loaded

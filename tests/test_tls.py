@@ -102,7 +102,7 @@ def test_config_requires_readable_files_and_names_the_key(pki, tmp_path):
         f'[tls]\ncert = "{pki / "node.pem"}"\n[[destinations]]\nname = "p"\nae_title = "P"\nhost = "h"\nport = 1\n'
         "tls = true\n") == "a.toml: [tls] key: cert and key go together: give both or neither"
     cfg = config.parse_text(
-        f'[node]\nport = 0\n[tls]\nenabled = true\ncert = "node.pem"\nkey = "node.key"\n', "a.toml", base=pki)
+        '[node]\nport = 0\n[tls]\nenabled = true\ncert = "node.pem"\nkey = "node.key"\n', "a.toml", base=pki)
     assert cfg.node.port == 0 and cfg.tls.cert == str(pki / "node.pem")  # relative paths made absolute
 
 
