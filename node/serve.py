@@ -71,7 +71,9 @@ class WorkerPool:
         self.cfg = cfg
         self.on_death = on_death
         self.pidfile = Path(cfg.node.storage) / "run" / "workers.json"
-        self.roles = ["send"] + ["analyse"] * analysers + (["web"] if cfg.web.enabled else [])
+        # analysers -1: no workers here at all (they run elsewhere); the web process still runs beside the SCP
+        workers = ["send"] + ["analyse"] * analysers if analysers >= 0 else []
+        self.roles = workers + (["web"] if cfg.web.enabled else [])
         self.log_level = log_level
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * len(self.roles)
         self.started_at = [0.0] * len(self.roles)
@@ -191,7 +193,8 @@ class Node:
 
     def __init__(self, cfg: Config, workers: int = 1, log_level: str = "INFO") -> None:
         self.cfg = cfg
-        self.pool = WorkerPool(cfg, workers, log_level, self._worker_died) if workers >= 0 else None
+        self.pool = (WorkerPool(cfg, workers, log_level, self._worker_died) if workers >= 0 or cfg.web.enabled
+                     else None)
         self.scheduling: Scheduling | None = None
         self.next_schedule = 0.0
         self.next_abandoned = 0.0
