@@ -396,3 +396,34 @@ def test_sighup_swaps_the_certificate_and_audits_the_reload(nodes, pki):
     assert [(e["event_type"][0]["code"], e["outcome"]) for e in reloads] == [("110129", 0), ("110129", 8)]
     assert "does not load with cert" in reloads[1]["outcome_description"]
     assert "PRIVATE KEY" not in node.log_text() + json.dumps(reloads)
+
+
+def test_the_web_page_over_https_with_the_nodes_certificate(pki, tmp_path):
+    """[web] tls = true: the page and its probes are HTTPS with [tls] cert/key; plain HTTP gets nothing."""
+    import ssl
+    import sys
+    import urllib.request
+
+    from tests.peers import stop_process, write_config
+
+    web_port = free_port()
+    cfg = write_config(tmp_path / "ainode.toml", port=free_port(), storage=short_tmp() / "storage", web_port=web_port,
+                       extra=tls_section(pki, port=free_port()))
+    cfg.write_text(cfg.read_text().replace("[web]\nenabled = true", "[web]\ntls = true\nenabled = true"))
+    proc = subprocess.Popen([sys.executable, "-m", "node", "--config", str(cfg), "web"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        trusted = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+
+        def https_ok() -> bool:
+            try:
+                with urllib.request.urlopen(f"https://127.0.0.1:{web_port}/healthz", context=trusted, timeout=3) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        wait_until(https_ok, 30, "the page over HTTPS")
+        with pytest.raises(OSError):  # plain HTTP to the HTTPS port
+            urllib.request.urlopen(f"http://127.0.0.1:{web_port}/healthz", timeout=3).read()
+    finally:
+        stop_process(proc)
