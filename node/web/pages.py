@@ -10,6 +10,7 @@ The JSON API (``/api/studies``, ``/api/studies/{uid}``) takes the same session.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import secrets
 import threading
@@ -34,6 +35,7 @@ from node.users import User, Users
 COOKIE = "ainode_session"
 IDLE_S = 8 * 3600
 PAGE_SIZE = 50
+FAILED_LOGIN_DELAY_S = 1.0
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 
 
@@ -103,6 +105,7 @@ class Pages:
         if user is None:
             self._audit(self.audit.user_authentication, name, address, True, False,
                         "web login refused: wrong user name or password")
+            await asyncio.sleep(FAILED_LOGIN_DELAY_S)  # a guesser gets one try a second per connection
             return TEMPLATES.TemplateResponse(request, "login.html", {"error": "Wrong user name or password."},
                                               status_code=401)
         token = secrets.token_urlsafe(32)
