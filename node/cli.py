@@ -111,13 +111,6 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(keep=args.keep, slices=args.slices)
 
 
-def _local(t: float | None, seconds: bool = False) -> str:
-    import datetime as dt
-
-    form = "%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M"
-    return dt.datetime.fromtimestamp(t).astimezone().strftime(form) if t else "-"
-
-
 def _since(text: str) -> float:
     """``--since``: a duration back from now (``90m``, ``24h``, ``7d``) or a date (``2026-12-01``)."""
     import datetime as dt
@@ -135,7 +128,7 @@ def _since(text: str) -> float:
 def _results_list(args: argparse.Namespace) -> int:
     import json
 
-    from node.history import list_states
+    from node.history import list_states, local_time
     from node.store import Storage
     from node.worker import redis_for
 
@@ -147,27 +140,27 @@ def _results_list(args: argparse.Namespace) -> int:
     if not states:
         print(f"no studies{' matching' if args.state or args.since else ''} in {cfg.node.storage}")
     for s in states:
-        print(f"{_local(s.last_at)}  {s.state:9s}  {s.study_uid}  r{s.revision}  {s.instances:4d} inst  "
-              f"received {_local(s.received_at)}  {s.detail}")
+        print(f"{local_time(s.last_at)}  {s.state:9s}  {s.study_uid}  r{s.revision}  {s.instances:4d} inst  "
+              f"received {local_time(s.received_at)}  {s.detail}")
     return 0
 
 
 def _results_show(args: argparse.Namespace) -> int:
-    from node.history import study_state, timeline
+    from node.history import local_time, study_state, timeline
     from node.store import Storage, check_uid
     from node.worker import redis_for
 
     cfg = config_mod.load(args.config)
     storage = Storage(cfg.node.storage)
     uid = check_uid(args.study_uid, "Study Instance UID")
-    if uid not in storage.study_uids():
+    if not (storage.studies / uid).is_dir():
         print(f"ainode: error: no study {uid} in {cfg.node.storage}", file=sys.stderr)
         return 2
     st = study_state(storage, cfg, redis_for(cfg), uid)
     print(f"study {uid}: {st.state}, revision {st.revision}, {st.instances} instances")
     print(f"  {st.detail}")
     for at, what in timeline(storage, cfg.audit_path, uid):
-        print(f"  {_local(at, seconds=True)}  {what}")
+        print(f"  {local_time(at, seconds=True)}  {what}")
     return 0
 
 

@@ -30,8 +30,6 @@ KEY_DEADLINE = "ainode:completion:deadline"
 KEY_EPOCH = "ainode:epoch"
 #: How soon a study whose completion could not be written (disk full) is tried again.
 STORAGE_RETRY_S = 5.0
-#: How often a receiving process without a completion loop writes its studies' timers.
-ARM_EVERY_S = 0.5
 
 
 class Completion:
@@ -54,8 +52,7 @@ class Completion:
         self._redis_down_since: float | None = None
         self._storage_down_since: float | None = None
         self._dirty: dict[str, tuple[float, float]] = {}  # study -> (first, last) instance since the last flush
-        self._armed_lock = threading.Lock()
-        self._stopped = threading.Event()
+        self._dirty_lock = threading.Lock()
 
     def update_config(self, cfg: CompletionConfig) -> None:
         """Apply new times; timers already armed keep their due times."""
@@ -68,17 +65,16 @@ class Completion:
 
         Never raises and never waits on Redis: the instance is already safe on
         disk. A study arriving at hundreds of instances a second costs Redis one
-        round trip per flush (each tick of the completion loop, or each
-        ``ARM_EVERY_S`` in a receiving process without one), not one per instance.
+        round trip per flush (each tick of the completion loop), not one per instance.
         """
         now = self.clock()
-        with self._armed_lock:
+        with self._dirty_lock:
             first, _ = self._dirty.get(study_uid, (now, now))
             self._dirty[study_uid] = (first, now)
 
     def flush(self) -> None:
         """Write the timers of every study noted since the last flush."""
-        with self._armed_lock:
+        with self._dirty_lock:
             dirty, self._dirty = self._dirty, {}
         if not dirty:
             return
@@ -93,18 +89,6 @@ class Completion:
             self._needs_reconcile.set()
             logger.warning("%d stud%s stored, but Redis is unreachable (%s); will re-arm from disk",
                            len(dirty), "y" if len(dirty) == 1 else "ies", exc)
-
-    def start_flusher(self) -> None:
-        """Flush every ``ARM_EVERY_S`` in a thread: for a receiving process that runs no completion loop."""
-        def loop() -> None:
-            while not self._stopped.wait(ARM_EVERY_S):
-                self.flush()
-
-        threading.Thread(target=loop, name="completion-flush", daemon=True).start()
-
-    def stop_flusher(self) -> None:
-        self._stopped.set()
-        self.flush()
 
     # --- the completion loop -------------------------------------------------------
 

@@ -126,21 +126,17 @@ def study_state(storage: Storage, cfg: Config, redis: Redis | None, study_uid: s
 def list_states(storage: Storage, cfg: Config, redis: Redis | None, states: Iterable[str] = (),
                 since: float | None = None) -> list[StudyState]:
     """Every study's state, the most recently active first; only ``states`` (if given), only since ``since``."""
-    if redis is not None:
-        try:
-            redis.ping()
-        except RedisError:
-            redis = None
     wanted = set(states)
-    out = []
-    for uid in storage.study_uids():
-        st = study_state(storage, cfg, redis, uid)
-        if wanted and st.state not in wanted:
-            continue
-        if since is not None and (st.last_at or 0) < since:
-            continue
-        out.append(st)
-    return sorted(out, key=lambda st: st.last_at or 0, reverse=True)
+    return [st for st in StateCache().states(storage, cfg, redis)
+            if (not wanted or st.state in wanted) and (since is None or (st.last_at or 0) >= since)]
+
+
+def local_time(t: float | None, seconds: bool = False) -> str:
+    """An epoch time as people read it here: local, to the minute (or second)."""
+    import datetime as dt
+
+    form = "%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M"
+    return dt.datetime.fromtimestamp(t).astimezone().strftime(form) if t else "-"
 
 
 _UID_NAME = re.compile(r"^[0-9]+(\.[0-9]+)*$")

@@ -21,8 +21,8 @@ from prometheus_client import Counter, Histogram
 
 ASSOCIATIONS = Counter("ainode_associations_total", "A-ASSOCIATE requests, by outcome and reason",
                        ["outcome", "reason"])
-DROPPED = Counter("ainode_connections_dropped_total", "Connections the node dropped (stalled, oversized, malformed)",
-                  ["reason"])
+DROPPED = Counter("ainode_connections_dropped_total",
+                  "Connections the node dropped: timeout, oversized, malformed, connection_limit", ["reason"])
 INSTANCES = Counter("ainode_instances_total", "C-STORE requests answered, by status", ["status"])
 RECEIVED_BYTES = Counter("ainode_received_bytes_total", "Bytes of instances stored")
 STUDIES = Counter("ainode_studies_completed_total", "Study revisions queued for analysis, by why", ["reason"])
@@ -37,13 +37,3 @@ SENDS = Counter("ainode_sends_total", "Result deliveries tried, by destination a
                 ["destination", "outcome"])
 WORKER_DEATHS = Counter("ainode_worker_deaths_total", "Workers that died under the node, by role", ["role"])
 
-
-def drop_reason(why: str) -> str:
-    """A dropped connection's reason as a small fixed set of label values."""
-    if "within" in why:
-        return "timeout"
-    if "more than" in why or "of more than" in why:
-        return "oversized"
-    if "closed at once" in why:
-        return "connection_limit"
-    return "malformed"

@@ -175,7 +175,7 @@ class Association:
     def _drop(self, drop: Dropped) -> None:
         who = str(self.peer) if self.established else f"{self.address}:{self.port}"
         logger.warning("Connection from %s dropped: %s", who, drop.why)
-        metrics.DROPPED.labels(metrics.drop_reason(drop.why)).inc()
+        metrics.DROPPED.labels(drop.kind).inc()
         if drop.abort is not None:
             self._send_quietly(abort_pdu(drop.abort))
         self.server.audit_dropped(self.peer, drop.why)
@@ -199,7 +199,8 @@ class Association:
         try:
             self.sock.sendall(data)
         except (socket.timeout, TimeoutError):
-            raise Dropped(f"did not read our PDUs for {self.server.limits.idle_timeout:g} s", abort=None) from None
+            raise Dropped(f"did not read our PDUs for {self.server.limits.idle_timeout:g} s", abort=None,
+                          kind="timeout") from None
         except OSError as exc:
             raise PeerClosed(exc.strerror or type(exc).__name__) from None
 
@@ -207,14 +208,15 @@ class Association:
         try:
             return self.reader.header(deadline)
         except TimeoutError:
-            raise Dropped(f"no {waiting_for} within {timeout:g} s", abort=None if not self.established else 0) from None
+            raise Dropped(f"no {waiting_for} within {timeout:g} s", abort=None if not self.established else 0,
+                          kind="timeout") from None
 
     def _body(self, n: int, deadline: float, what: str, timeout: float) -> memoryview:
         try:
             return self.reader.exact(n, deadline)
         except TimeoutError:
-            raise Dropped(f"{what} not complete within {timeout:g} s", abort=None if not self.established else 0) \
-                from None
+            raise Dropped(f"{what} not complete within {timeout:g} s", abort=None if not self.established else 0,
+                          kind="timeout") from None
 
     # --- association negotiation -------------------------------------------------------
 
@@ -240,7 +242,7 @@ class Association:
                           abort=ABORT_UNEXPECTED_PDU if name else ABORT_UNRECOGNIZED_PDU)
         if length > MAX_ASSOCIATE_RQ:
             raise Dropped(f"declared an A-ASSOCIATE-RQ of {length} bytes, more than {MAX_ASSOCIATE_RQ}",
-                          abort=ABORT_INVALID_PARAMETER)
+                          abort=ABORT_INVALID_PARAMETER, kind="oversized")
         if length < 68:
             raise Dropped(f"sent an A-ASSOCIATE-RQ of {length} bytes, too short to be one",
                           abort=ABORT_INVALID_PARAMETER)
@@ -340,7 +342,7 @@ class Association:
             if pdu_type == P_DATA_TF:
                 if self.max_pdu and length > self.max_pdu:
                     raise Dropped(f"sent a P-DATA-TF of {length} bytes, more than the negotiated {self.max_pdu}",
-                                  abort=ABORT_INVALID_PARAMETER)
+                                  abort=ABORT_INVALID_PARAMETER, kind="oversized")
                 self._p_data(length, deadline, idle)
             elif pdu_type == A_RELEASE_RQ:
                 if length != 4:
@@ -380,13 +382,14 @@ class Association:
                 else:
                     self._data_fragment(context_id, size, bool(header & 0x02), deadline)
             except TimeoutError:
-                raise Dropped(f"P-DATA-TF not complete within {timeout:g} s", abort=0) from None
+                raise Dropped(f"P-DATA-TF not complete within {timeout:g} s", abort=0, kind="timeout") from None
 
     def _command_fragment(self, context_id: int, size: int, last: bool, deadline: float) -> None:
         if self.message is not None:
             raise Dropped("sent a command fragment in the middle of a data set", abort=ABORT_UNEXPECTED_PARAMETER)
         if len(self.command) + size > dimse.MAX_COMMAND:
-            raise Dropped(f"sent a command set of more than {dimse.MAX_COMMAND} bytes", abort=ABORT_INVALID_PARAMETER)
+            raise Dropped(f"sent a command set of more than {dimse.MAX_COMMAND} bytes", abort=ABORT_INVALID_PARAMETER,
+                          kind="oversized")
         self.reader.stream(size, deadline, self.command.extend)
         if not last:
             return

@@ -46,7 +46,6 @@ class Walked:
 
     values: dict[int, bytes] = field(default_factory=dict)
     pixel_data: bool = False
-    elements: int = 0
 
     def text(self, tag: int) -> str | None:
         raw = self.values.get(tag)
@@ -99,24 +98,23 @@ class _Walker:
                 return value
             if tag in (ITEM, SEQUENCE_END):
                 raise Undecodable(f"{_tag(tag)} outside a sequence at byte {offset}")
-            if top is not None:
-                top.elements += 1
-                if tag in PIXEL_DATA_TAGS:
-                    top.pixel_data = True
+            if top is not None and tag in PIXEL_DATA_TAGS:
+                top.pixel_data = True
             if length == UNDEFINED:
                 if tag in PIXEL_DATA_TAGS:
                     if not self.encapsulated:
                         raise Undecodable(f"{_tag(tag)} has an undefined length in a native transfer syntax")
                     offset = self.fragments(value, end, tag)
-                elif vr in (None, b"SQ") or vr == b"UN":
-                    offset = self.sequence(value, end, depth, tag, vr == b"UN")
+                elif vr in (None, b"SQ", b"UN"):  # UN of undefined length: an Implicit VR LE sequence
+                    walker = _Walker(self.data, True, True, self.encapsulated) if vr == b"UN" else self
+                    offset = walker.items(value, end, depth, tag, delimited=True)
                 else:
                     raise Undecodable(f"element {_tag(tag)} ({bytes(vr).decode()}) has an undefined length")
                 continue
             if length > end - value:
                 raise Undecodable(f"element {_tag(tag)} has {end - value} of {length} bytes")
             if vr == b"SQ":  # in Implicit VR a sequence of defined length is only bytes that fit
-                self.sequence_defined(value, value + length, depth, tag)
+                self.items(value, value + length, depth, tag, delimited=False)
             if top is not None and tag in WANTED:
                 top.values[tag] = bytes(self.data[value:value + length])
             offset = value + length
@@ -124,29 +122,17 @@ class _Walker:
             raise Undecodable("item without its delimiter")
         return offset
 
-    def sequence(self, offset: int, end: int, depth: int, tag: int, un: bool) -> int:
-        """An undefined-length sequence: items up to its delimiter."""
-        walker = _Walker(self.data, True, True, self.encapsulated) if un else self
+    def items(self, offset: int, end: int, depth: int, tag: int, delimited: bool) -> int:
+        """A sequence's items: up to its delimiter (``delimited``, undefined length) or filling
+        ``offset..end`` exactly (defined length); returns the offset after it."""
         while True:
-            if end - offset < 8:
+            if not delimited and offset >= end:
+                return offset
+            if delimited and end - offset < 8:
                 raise Undecodable(f"sequence {_tag(tag)} without its delimiter")
-            item, _, length, value = walker.header(offset, end)
-            if item == SEQUENCE_END:
-                return value
-            if item != ITEM:
-                raise Undecodable(f"sequence {_tag(tag)} holds {_tag(item)}, not an item")
-            if length == UNDEFINED:
-                offset = walker.dataset(value, end, depth + 1, None, True)
-            else:
-                if length > end - value:
-                    raise Undecodable(f"an item of {_tag(tag)} has {end - value} of {length} bytes")
-                walker.dataset(value, value + length, depth + 1, None, False)
-                offset = value + length
-
-    def sequence_defined(self, offset: int, end: int, depth: int, tag: int) -> None:
-        """A defined-length sequence: items filling its length exactly."""
-        while offset < end:
             item, _, length, value = self.header(offset, end)
+            if delimited and item == SEQUENCE_END:
+                return value
             if item != ITEM:
                 raise Undecodable(f"sequence {_tag(tag)} holds {_tag(item)}, not an item")
             if length == UNDEFINED:

@@ -53,15 +53,15 @@ class Dropped(Exception):
     """The node ends this connection: ``why`` in one line for the log and the audit trail.
 
     ``abort``: the A-ABORT reason to send first (None: close without one, the
-    peer has gone or never spoke DICOM). ``alert``: the peer misbehaved
-    (malformed, oversized, stalled): a Security Alert, not only a log line.
+    peer has gone or never spoke DICOM). ``kind``: ``malformed``, ``timeout``
+    or ``oversized``, the label of the dropped-connections metric.
     """
 
-    def __init__(self, why: str, abort: int | None = ABORT_NOT_SPECIFIED, alert: bool = True) -> None:
+    def __init__(self, why: str, abort: int | None = ABORT_NOT_SPECIFIED, kind: str = "malformed") -> None:
         super().__init__(why)
         self.why = why
         self.abort = abort
-        self.alert = alert
+        self.kind = kind
 
 
 class PeerClosed(Exception):
@@ -141,9 +141,6 @@ class Reader:
             sink(self.view[self.start:self.start + take])
             self.start += take
             n -= take
-
-    def skip(self, n: int, deadline: float) -> None:
-        self.stream(n, deadline, lambda _: None)
 
     def header(self, deadline: float) -> tuple[int, int]:
         """The next PDU's (type, length)."""

@@ -27,7 +27,7 @@ from starlette.templating import Jinja2Templates
 
 from node.audit import Action, AuditError, AuditTrail, Outcome
 from node.config import Config
-from node.history import STATES, StateCache, reanalyse, resend, study_state, timeline
+from node.history import STATES, StateCache, local_time, reanalyse, resend, study_state, timeline
 from node.results.facts import percent
 from node.store import Storage, check_uid
 from node.users import User, Users
@@ -39,14 +39,7 @@ FAILED_LOGIN_DELAY_S = 1.0
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 
 
-def _localtime(t: float | None, seconds: bool = False) -> str:
-    import datetime as dt
-
-    form = "%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M"
-    return dt.datetime.fromtimestamp(t).astimezone().strftime(form) if t else "-"
-
-
-TEMPLATES.env.filters["localtime"] = _localtime
+TEMPLATES.env.filters["localtime"] = local_time
 TEMPLATES.env.filters["percent"] = percent
 
 
@@ -209,7 +202,7 @@ class Pages:
             uid = check_uid(request.path_params["uid"], "Study Instance UID")
         except Exception:
             return None
-        return uid if uid in self.storage.study_uids() else None
+        return uid if (self.storage.studies / uid).is_dir() else None  # one stat, not a listing of every study
 
     def _rows(self, state: str | None) -> list[Any]:
         with self._cache_lock:  # one request at a time refreshes the cache
