@@ -334,7 +334,7 @@ def cmd_dest_add(args: argparse.Namespace) -> int:
     if not objects or any(o not in config.RESULT_OBJECTS for o in objects) or len(set(objects)) != len(objects):
         _check("--objects", f"must be a comma-separated list of {', '.join(config.RESULT_OBJECTS)}, "
                             f"each at most once, got {args.objects!r}")
-    dest = Destination(args.name, args.ae.strip(), args.host, port, tls=args.tls, objects=objects)
+    dest = Destination(args.name, ae_title=args.ae.strip(), host=args.host, port=port, tls=args.tls, objects=objects)
 
     def change(doc: TOMLDocument) -> str:
         if any(t.get("name") == dest.name for t in _tables(doc, DESTINATIONS) or []):

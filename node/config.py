@@ -175,15 +175,29 @@ class Caller:
 
 @dataclass(frozen=True)
 class Destination:
-    """One ``[[destinations]]`` entry: a storage SCP that receives results."""
+    """One ``[[destinations]]`` entry: where results (or forwarded instances) go.
+
+    ``kind``: ``dicom`` (C-STORE to ``ae_title@host:port``, over DICOM TLS with
+    ``tls``), ``dicomweb`` (STOW-RS to the base ``url``; ``auth_file`` holds a
+    bearer token, or ``user:password`` for basic auth; ``ca`` the CA bundle
+    trusted for its HTTPS, empty: the system's) or ``hl7`` (an ORU^R01 over
+    MLLP to ``host:port``, over TLS with ``tls``; ``application`` and
+    ``facility`` are the receiving application and facility of its MSH).
+    """
 
     name: str
-    ae_title: str
-    host: str
-    port: int
+    kind: str = "dicom"
+    ae_title: str = ""
+    host: str = ""
+    port: int = 0
     sr_class: str = "comprehensive"  # comprehensive | enhanced | comprehensive3d
-    tls: bool = False  # send over DICOM TLS, with the [tls] certificate, key and CA
+    tls: bool = False  # send over TLS, with the [tls] certificate, key and CA
     objects: tuple[str, ...] = RESULT_OBJECTS  # which result objects it gets: sr, sc, ko
+    url: str = ""
+    auth_file: str = ""
+    ca: str = ""
+    application: str = ""
+    facility: str = ""
 
 
 @dataclass(frozen=True)

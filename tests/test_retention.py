@@ -36,7 +36,7 @@ def test_only_studies_sent_everywhere_long_enough_ago_are_deleted(tmp_path):
     make_study(storage, "1.4", outcome="no_result")                 # never sent: kept
     make_study(storage, "1.5", sent={"a": old, "b": old}, late=True)  # a late instance is pending
     cfg = Config(node=NodeConfig(storage=tmp_path), storage=StorageConfig(keep_days=7),
-                 destinations=(Destination("a", "A", "127.0.0.1", 104), Destination("b", "B", "127.0.0.1", 104)))
+                 destinations=(Destination("a", ae_title="A", host="127.0.0.1", port=104), Destination("b", ae_title="B", host="127.0.0.1", port=104)))
     from node.audit import open_trail
 
     trail = open_trail(tmp_path / "audit.jsonl", "AINODE", "serve", "")

@@ -323,16 +323,16 @@ def test_sr_sent_over_tls_to_dcmtk_storescp(pki, tmp_path):
     tls = TLSConfig(cert=str(pki / "node.pem"), key=str(pki / "node.key"), ca=str(pki / "ca.pem"))
     try:
         for host in ("127.0.0.1", "localhost"):  # an IP and a DNS name, both named in the certificate
-            delivery = c_store(sr, Destination("pacs", "PACS", host, port, tls=True), "AINODE", 10, tls)
+            delivery = c_store(sr, Destination("pacs", ae_title="PACS", host=host, port=port, tls=True), "AINODE", 10, tls)
             assert delivery.status == 0
         received = list((tmp_path / "pacs").iterdir())
         assert len(received) == 1  # the same SR twice: storescp names files by SOP Instance UID
         assert pydicom.dcmread(received[0]).SOPInstanceUID == pydicom.dcmread(sr).SOPInstanceUID
         with pytest.raises(SendError, match="TLS"):  # our client certificate is not trusted by... ourselves
-            c_store(sr, Destination("pacs", "PACS", "127.0.0.1", port, tls=True), "AINODE", 5,
+            c_store(sr, Destination("pacs", ae_title="PACS", host="127.0.0.1", port=port, tls=True), "AINODE", 5,
                     TLSConfig(cert=str(pki / "rogue.pem"), key=str(pki / "rogue.key"), ca=str(pki / "ca.pem")))
         with pytest.raises(SendError):  # a plain association to a TLS port
-            c_store(sr, Destination("pacs", "PACS", "127.0.0.1", port), "AINODE", 5, tls)
+            c_store(sr, Destination("pacs", ae_title="PACS", host="127.0.0.1", port=port), "AINODE", 5, tls)
     finally:
         proc.kill()
         proc.wait(10)
@@ -345,7 +345,7 @@ def test_destination_certificate_is_checked(pki, tmp_path):
     sr = write_sr(tmp_path)
     proc, port = storescp_tls(pki, tmp_path / "pacs", cert="elsewhere")  # names pacs.example.org only
     tls = TLSConfig(cert=str(pki / "node.pem"), key=str(pki / "node.key"), ca=str(pki / "ca.pem"))
-    dest = Destination("pacs", "PACS", "127.0.0.1", port, tls=True)
+    dest = Destination("pacs", ae_title="PACS", host="127.0.0.1", port=port, tls=True)
     try:
         with pytest.raises(SendError, match="certificate is not valid for '127.0.0.1'"):
             c_store(sr, dest, "AINODE", 5, tls)

@@ -31,7 +31,7 @@ def ctx(redis_server, tmp_path, lung1_series):
     cfg = Config(
         node=NodeConfig(storage=storage.root),
         model=ModelConfig(path=str(model), device="cpu"),
-        destinations=(Destination("pacs", "PACS", "127.0.0.1", 9, objects=("sr",)),),
+        destinations=(Destination("pacs", ae_title="PACS", host="127.0.0.1", port=9, objects=("sr",)),),
     )
     context = WorkerContext(cfg, storage, r)
     set_context(context)
