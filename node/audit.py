@@ -495,6 +495,24 @@ class AuditTrail:
         })
 
 
+    def instances_sent(self, study_uid: str, revision: int, objects: Iterable[tuple[str, str]], destination: str,
+                       dest_ae: str, dest_host: str, outcome: Outcome, description: str) -> None:
+        """DICOM Instances Transferred, as the source (action R): received instances forwarded (store and
+        forward), one event for the lot, one participant object per SOP class."""
+        by_class: dict[str, list[str]] = {}
+        for uid, sop_class in objects:
+            by_class.setdefault(sop_class, []).append(uid)
+        self.record({
+            "event_id": EventID.INSTANCES_TRANSFERRED.to_json(),
+            "action": Action.READ.value, "outcome": int(outcome), "outcome_description": description,
+            "participants": [self._us(Role.SOURCE, requestor=True).to_json(),
+                             ae(dest_ae, requestor=False, role=Role.DESTINATION, address=dest_host).to_json()
+                             | {"destination": destination}],
+            "objects": [study(study_uid, sop_class=sop_class or None, instances=uids, detail={"revision": revision})
+                        for sop_class, uids in sorted(by_class.items())],
+        })
+
+
 def open_trail(path: Path, ae_title: str, process: str, syslog: str = "") -> AuditTrail:
     """An open :class:`AuditTrail`; raises AuditError naming the path when it cannot be created."""
     trail = AuditTrail(path, ae_title, process, syslog)

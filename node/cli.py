@@ -140,8 +140,9 @@ def _results_list(args: argparse.Namespace) -> int:
     if not states:
         print(f"no studies{' matching' if args.state or args.since else ''} in {cfg.node.storage}")
     for s in states:
+        via = f"  via {s.pipeline}" if cfg.declared_pipelines else ""
         print(f"{local_time(s.last_at)}  {s.state:9s}  {s.study_uid}  r{s.revision}  {s.instances:4d} inst  "
-              f"received {local_time(s.received_at)}  {s.detail}")
+              f"received {local_time(s.received_at)}{via}  {s.detail}")
     return 0
 
 
@@ -157,7 +158,7 @@ def _results_show(args: argparse.Namespace) -> int:
         print(f"ainode: error: no study {uid} in {cfg.node.storage}", file=sys.stderr)
         return 2
     st = study_state(storage, cfg, redis_for(cfg), uid)
-    print(f"study {uid}: {st.state}, revision {st.revision}, {st.instances} instances")
+    print(f"study {uid}: {st.state}, revision {st.revision}, {st.instances} instances, pipeline {st.pipeline}")
     print(f"  {st.detail}")
     for at, what in timeline(storage, cfg.audit_path, uid):
         print(f"  {local_time(at, seconds=True)}  {what}")

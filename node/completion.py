@@ -1,6 +1,10 @@
 """Study completion: a study is complete after a quiet period, or at the latest
 ``max_wait_seconds`` after its first instance; then one job is queued per revision.
 
+The quiet period is the study's pipeline's (``[[pipelines]] quiet_seconds``,
+else ``[completion] quiet_seconds``); the revision names that pipeline, the
+one whose called AE title received the study's latest instance.
+
 The timers are two sorted sets in Redis (study UID -> due time). Redis may lose
 them (restarted empty): the files on disk and the revision records in
 ``state/`` are the truth, and :meth:`Completion.reconcile` rebuilds the timers
@@ -12,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable
+from typing import Callable, Mapping
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -42,26 +46,33 @@ class Completion:
         cfg: CompletionConfig,
         queue: JobQueue,
         clock: Callable[[], float] = time.time,
+        quiet_by_pipeline: Mapping[str, float] | None = None,
     ) -> None:
         self.storage = storage
         self.redis = redis
         self.cfg = cfg
+        self.quiet_by_pipeline = dict(quiet_by_pipeline or {})
         self.queue = queue
         self.clock = clock
         self._needs_reconcile = threading.Event()
         self._redis_down_since: float | None = None
         self._storage_down_since: float | None = None
-        self._dirty: dict[str, tuple[float, float]] = {}  # study -> (first, last) instance since the last flush
+        self._dirty: dict[str, tuple[float, float, str]] = {}  # study -> (first, last, pipeline) since the last flush
         self._dirty_lock = threading.Lock()
 
-    def update_config(self, cfg: CompletionConfig) -> None:
+    def update_config(self, cfg: CompletionConfig, quiet_by_pipeline: Mapping[str, float] | None = None) -> None:
         """Apply new times; timers already armed keep their due times."""
         self.cfg = cfg
+        self.quiet_by_pipeline = dict(quiet_by_pipeline or {})
+
+    def quiet_seconds(self, pipeline: str) -> float:
+        """The quiet period of a pipeline's studies (a pipeline removed since: [completion] quiet_seconds)."""
+        return self.quiet_by_pipeline.get(pipeline, self.cfg.quiet_seconds)
 
     # --- the C-STORE path ----------------------------------------------------------
 
-    def instance_stored(self, study_uid: str) -> None:
-        """Note that the study has a new instance; its timers are written at the next flush.
+    def instance_stored(self, study_uid: str, pipeline: str = "") -> None:
+        """Note that the study has a new instance, received by ``pipeline``; its timers are written at the next flush.
 
         Never raises and never waits on Redis: the instance is already safe on
         disk. A study arriving at hundreds of instances a second costs Redis one
@@ -69,8 +80,8 @@ class Completion:
         """
         now = self.clock()
         with self._dirty_lock:
-            first, _ = self._dirty.get(study_uid, (now, now))
-            self._dirty[study_uid] = (first, now)
+            first = self._dirty[study_uid][0] if study_uid in self._dirty else now
+            self._dirty[study_uid] = (first, now, pipeline)
 
     def flush(self) -> None:
         """Write the timers of every study noted since the last flush."""
@@ -80,9 +91,10 @@ class Completion:
             return
         try:
             pipe = self.redis.pipeline(transaction=False)
-            pipe.zadd(KEY_QUIET, {study: last + self.cfg.quiet_seconds for study, (_, last) in dirty.items()})
-            pipe.zadd(KEY_DEADLINE, {study: first + self.cfg.max_wait_seconds for study, (first, _) in dirty.items()},
-                      nx=True)
+            pipe.zadd(KEY_QUIET, {study: last + self.quiet_seconds(pipeline)
+                                  for study, (_, last, pipeline) in dirty.items()})
+            pipe.zadd(KEY_DEADLINE, {study: first + self.cfg.max_wait_seconds
+                                     for study, (first, _, _) in dirty.items()}, nx=True)
             pipe.execute()
         except RedisError as exc:
             # The files are on disk; the timers are rebuilt from disk once Redis is back.
@@ -166,14 +178,15 @@ class Completion:
             completed_at=self.clock(),
             reason=reason,
             job_id=job_id(study_uid, number),
+            pipeline=self.storage.read_pipeline(study_uid),
         )
         self.storage.write_revision(rev)  # durable before the job exists: reconcile can requeue it
         self.queue.enqueue(study_uid, number)
         metrics.STUDIES.labels(reason).inc()
         series = len(set(rev.instances.values()))
         logger.info(
-            "Study %s: complete (%s), %d instances in %d series, queued revision %d as job %s",
-            study_uid, reason, len(instances), series, number, rev.job_id,
+            "Study %s: complete (%s), %d instances in %d series, queued revision %d as job %s (pipeline %s)",
+            study_uid, reason, len(instances), series, number, rev.job_id, rev.pipeline or "default",
         )
         return rev
 
@@ -186,7 +199,7 @@ class Completion:
         Redis has lost is queued again under the same job id.
         """
         armed = requeued = 0
-        quiet, deadline = self.cfg.quiet_seconds, self.cfg.max_wait_seconds
+        deadline = self.cfg.max_wait_seconds
         for study_uid in self.storage.study_uids():
             instances = self.storage.instances(study_uid)
             if not instances:
@@ -196,6 +209,7 @@ class Completion:
             new = [i for i in instances if i.sop_uid not in covered]
             if new:
                 pipe = self.redis.pipeline(transaction=False)
+                quiet = self.quiet_seconds(self.storage.read_pipeline(study_uid))
                 pipe.zadd(KEY_QUIET, {study_uid: max(i.mtime for i in new) + quiet})
                 pipe.zadd(KEY_DEADLINE, {study_uid: min(i.mtime for i in new) + deadline})
                 pipe.execute()

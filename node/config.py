@@ -230,6 +230,46 @@ class StorageConfig:
     keep_days: float = 0.0  # delete a study this long after its SR was sent; 0 keeps everything
 
 
+#: ``[[pipelines]] model`` for a pipeline that stores and forwards, with no analysis.
+FORWARD = "none"
+DESTINATION_KINDS = ("dicom", "dicomweb", "hl7")
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """One ``[[pipelines]]`` entry: a called AE title and what happens to the studies sent to it.
+
+    ``callers``: the calling AE titles that may call it (empty: every allowed
+    caller). ``model``: empty for ``[model] path`` (the bundled model when that
+    is empty too), a path to an ONNX model with its card, or ``"none"``: store
+    and forward (the received instances go to the destinations, not analysed).
+    ``threshold`` empty: ``[model] threshold`` (empty: the model card's).
+    ``series``: a named ``[series.NAME]`` rule set (``default`` is ``[series]``).
+    ``destinations``: names of ``[[destinations]]``. ``quiet_seconds`` empty:
+    ``[completion] quiet_seconds``. Its name is its AE title.
+    """
+
+    ae_title: str
+    callers: tuple[str, ...] = ()
+    model: str = ""
+    threshold: float | None = None
+    series: str = "default"
+    destinations: tuple[str, ...] = ()
+    quiet_seconds: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.ae_title.strip()
+
+    @property
+    def forwards(self) -> bool:
+        """True for store and forward: no model, the instances themselves are sent on."""
+        return self.model == FORWARD
+
+    def admits(self, calling: str) -> bool:
+        return not self.callers or calling.strip() in {c.strip() for c in self.callers}
+
+
 @dataclass(frozen=True)
 class WebConfig:
     """``[web]``: the node's HTTP side (``/healthz``, ``/readyz``, ``/metrics``), a process of its own.
@@ -268,11 +308,54 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    pipeline_entries: tuple[Pipeline, ...] = ()  # ``[[pipelines]]`` as written; see :attr:`pipelines`
+    series_sets: tuple[tuple[str, SeriesRules], ...] = ()  # (name, rules); "default" is ``series``
     source: Path | None = None
+
+    def __post_init__(self) -> None:
+        others = tuple((n, r) for n, r in self.series_sets if n != "default")
+        object.__setattr__(self, "series_sets", (("default", self.series), *others))
+
+    @property
+    def pipelines(self) -> tuple[Pipeline, ...]:
+        """Every pipeline, at least one: without ``[[pipelines]]``, the one of ``[node] ae_title``, ``[model]``,
+        ``[series]`` and every destination (as ainode 0.1 had)."""
+        if self.pipeline_entries:
+            return self.pipeline_entries
+        return (Pipeline(self.node.ae_title, destinations=tuple(d.name for d in self.destinations)),)
+
+    @property
+    def declared_pipelines(self) -> bool:
+        return bool(self.pipeline_entries)
 
     def destination(self, name: str) -> Destination | None:
         """The destination called ``name``, or None."""
         return next((d for d in self.destinations if d.name == name), None)
+
+    def pipeline(self, name: str) -> Pipeline | None:
+        """The pipeline of that called AE title (padding ignored); ``""`` (a study of ainode 0.1): the first."""
+        if not name.strip():
+            return self.pipelines[0]
+        return next((p for p in self.pipelines if p.name == name.strip()), None)
+
+    def rules(self, pipeline: Pipeline) -> SeriesRules:
+        """The series rule set a pipeline names."""
+        return dict(self.series_sets)[pipeline.series]
+
+    def model_path(self, pipeline: Pipeline) -> str:
+        """The model a pipeline runs: its own, else ``[model] path`` ("" = the bundled model)."""
+        return pipeline.model or self.model.path
+
+    def threshold(self, pipeline: Pipeline) -> float | None:
+        """The threshold a pipeline sets (its own, else ``[model] threshold``); None: the model card's."""
+        return pipeline.threshold if pipeline.threshold is not None else self.model.threshold
+
+    def quiet_seconds(self, pipeline: Pipeline) -> float:
+        return pipeline.quiet_seconds if pipeline.quiet_seconds is not None else self.completion.quiet_seconds
+
+    def destinations_of(self, pipeline: Pipeline) -> tuple[Destination, ...]:
+        """The destinations of a pipeline, as configured now (one removed since is left out)."""
+        return tuple(d for name in pipeline.destinations if (d := self.destination(name)) is not None)
 
     @property
     def audit_path(self) -> Path:
@@ -355,7 +438,7 @@ def parse(data: Mapping[str, Any], origin: str = "<config>", base: Path | None =
     """
     ck = _Checker(origin)
     sections = {"node", "completion", "redis", "model", "callers", "destinations", "send", "series", "tls", "audit",
-                "storage", "web"}
+                "storage", "web", "pipelines"}
     for key in data:
         if key not in sections:
             raise ck.fail(f"[{key}]", f"unknown section (known: {', '.join(sorted(sections))})")
@@ -419,7 +502,7 @@ def parse(data: Mapping[str, Any], origin: str = "<config>", base: Path | None =
             raise ck.fail(f"{where} ae_title", f"{c.ae_title!r} is listed twice")
         seen.add((c.ae_title.strip(), c.host))
 
-    destinations = tuple(_entries(ck, data, "destinations", Destination))
+    destinations = list(_entries(ck, data, "destinations", Destination))
     names: set[str] = set()
     for i, d in enumerate(destinations):
         where = f"[[destinations]] #{i + 1}"
@@ -428,20 +511,13 @@ def parse(data: Mapping[str, Any], origin: str = "<config>", base: Path | None =
         if d.name in names:
             raise ck.fail(f"{where} name", f"{d.name!r} is listed twice")
         names.add(d.name)
-        if (p := ae_title_problem(d.ae_title)) is not None:
-            raise ck.fail(f"{where} ae_title", p)
-        if (p := host_problem(d.host)) is not None:
-            raise ck.fail(f"{where} host", p)
-        if (p := port_problem(d.port)) is not None:
-            raise ck.fail(f"{where} port", p)
-        if d.sr_class not in SR_CLASSES:
-            raise ck.fail(f"{where} sr_class", f"must be one of {', '.join(SR_CLASSES)}, got {d.sr_class!r}")
-        unknown = [o for o in d.objects if o not in RESULT_OBJECTS]
-        if unknown or not d.objects or len(set(d.objects)) != len(d.objects):
-            raise ck.fail(f"{where} objects", f"must list each of {', '.join(RESULT_OBJECTS)} at most once, at least one, "
-                                             f"got {list(d.objects)}")
+        destinations[i] = d = _check_destination(ck, d, where, here)
 
-    tls = _check_tls(ck, tls, node, any(d.tls for d in destinations), here)
+    series_sets = _series_sets(ck, ck.table(data, "series"))
+    series = dict(series_sets)["default"]
+    pipelines = _pipelines(ck, data, node, callers, destinations, series_sets, completion, here)
+
+    tls = _check_tls(ck, tls, node, any(d.tls for d in destinations if d.kind != "dicomweb"), here)
     audit = _check_audit(ck, ck.build(AuditConfig, ck.table(data, "audit"), "[audit]"), here)
 
     send = ck.build(SendConfig, ck.table(data, "send"), "[send]")
@@ -451,11 +527,6 @@ def parse(data: Mapping[str, Any], origin: str = "<config>", base: Path | None =
         raise ck.fail("[send] retry_first_seconds", f"must be at least 1, got {send.retry_first_seconds:g}")
     if send.timeout_seconds <= 0:
         raise ck.fail("[send] timeout_seconds", f"must be more than 0, got {send.timeout_seconds:g}")
-
-    try:
-        series = ck.build(SeriesRules, ck.table(data, "series"), "[series]")
-    except ValueError as exc:
-        raise ck.fail("[series]", str(exc).replace("Argument ", "")) from None
 
     storage_cfg = ck.build(StorageConfig, ck.table(data, "storage"), "[storage]")
     if storage_cfg.keep_days < 0:
@@ -473,8 +544,107 @@ def parse(data: Mapping[str, Any], origin: str = "<config>", base: Path | None =
 
     return Config(
         node=node, completion=completion, redis=redis_cfg, model=model, callers=callers,
-        destinations=destinations, send=send, series=series, tls=tls, audit=audit, storage=storage_cfg, web=web,
+        destinations=tuple(destinations), send=send, series=series, tls=tls, audit=audit, storage=storage_cfg, web=web,
+        pipeline_entries=pipelines, series_sets=series_sets,
     )
+
+
+def _check_destination(ck: _Checker, d: Destination, where: str, base: Path) -> Destination:
+    """One destination, checked for its kind: a C-STORE SCP, a DICOMweb base URL or an HL7 MLLP listener."""
+    if d.kind not in DESTINATION_KINDS:
+        raise ck.fail(f"{where} kind", f"must be one of {', '.join(DESTINATION_KINDS)}, got {d.kind!r}")
+    unknown = [o for o in d.objects if o not in RESULT_OBJECTS]
+    if unknown or not d.objects or len(set(d.objects)) != len(d.objects):
+        raise ck.fail(f"{where} objects", f"must list each of {', '.join(RESULT_OBJECTS)} at most once, at least one, "
+                                         f"got {list(d.objects)}")
+    if d.sr_class not in SR_CLASSES:
+        raise ck.fail(f"{where} sr_class", f"must be one of {', '.join(SR_CLASSES)}, got {d.sr_class!r}")
+    needs = {"dicom": ("ae_title", "host", "port"), "dicomweb": ("url",), "hl7": ("host", "port")}[d.kind]
+    allowed = set(needs) | {"name", "kind", "objects", "sr_class"} | {
+        "dicom": {"tls"}, "dicomweb": {"auth_file", "ca"}, "hl7": {"tls", "application", "facility"}}[d.kind]
+    for f in fields(Destination):
+        value = getattr(d, f.name)
+        if f.name in needs and value in ("", 0):
+            raise ck.fail(f"{where} {f.name}", f"is required for kind = {d.kind!r}")
+        if f.name not in allowed and value != f.default:
+            raise ck.fail(f"{where} {f.name}", f"does not apply to kind = {d.kind!r}")
+    if d.kind == "dicom" and (p := ae_title_problem(d.ae_title)) is not None:
+        raise ck.fail(f"{where} ae_title", p)
+    if d.kind in ("dicom", "hl7"):
+        if (p := host_problem(d.host)) is not None:
+            raise ck.fail(f"{where} host", p)
+        if (p := port_problem(d.port)) is not None:
+            raise ck.fail(f"{where} port", p)
+    if d.kind == "dicomweb":
+        if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", d.url):
+            raise ck.fail(f"{where} url", f"must be an http:// or https:// base URL, got {d.url!r}")
+        if "@" in d.url.split("/")[2]:
+            raise ck.fail(f"{where} url", "must not hold credentials: put them in auth_file")
+        d = replace(d, url=d.url.rstrip("/"), auth_file=_absolute(d.auth_file, base), ca=_absolute(d.ca, base))
+    return d
+
+
+def _series_sets(ck: _Checker, raw: Mapping[str, Any]) -> tuple[tuple[str, SeriesRules], ...]:
+    """``[series]`` (the ``default`` set) and every named ``[series.NAME]`` set."""
+    plain = {k: v for k, v in raw.items() if not isinstance(v, dict)}
+    named = {k: v for k, v in raw.items() if isinstance(v, dict)}
+    if plain and "default" in named:
+        raise ck.fail("[series.default]", "is given twice: as [series] keys and as [series.default]")
+    tables = {"default": plain, **named}
+    out = []
+    for name, table in tables.items():
+        where = "[series]" if name == "default" and plain else f"[series.{name}]"
+        if not _DEST_NAME.match(name):
+            raise ck.fail(where, f"{name!r} must be 1-64 letters, digits, '_', '.' or '-'")
+        try:
+            out.append((name, ck.build(SeriesRules, table, where)))
+        except ValueError as exc:
+            raise ck.fail(where, str(exc).replace("Argument ", "")) from None
+    return tuple(out)
+
+
+def _pipelines(ck: _Checker, data: Mapping[str, Any], node: NodeConfig, callers: tuple[Caller, ...],
+               destinations: list[Destination], series_sets: tuple[tuple[str, SeriesRules], ...],
+               completion: CompletionConfig, base: Path) -> tuple[Pipeline, ...]:
+    """``[[pipelines]]`` checked against the callers, destinations and series sets; () when there are none."""
+    pipelines = _entries(ck, data, "pipelines", Pipeline)
+    if "pipelines" in data and not pipelines:
+        raise ck.fail("[[pipelines]]", "is empty: give at least one, or leave it out for the [node] ae_title pipeline")
+    titles: set[str] = set()
+    known_callers = {c.ae_title.strip() for c in callers}
+    by_name = {d.name: d for d in destinations}
+    for i, pl in enumerate(pipelines):
+        where = f"[[pipelines]] #{i + 1}"
+        if (p := ae_title_problem(pl.ae_title)) is not None:
+            raise ck.fail(f"{where} ae_title", p)
+        if pl.name in titles:
+            raise ck.fail(f"{where} ae_title", f"{pl.name!r} is listed twice")
+        titles.add(pl.name)
+        for c in pl.callers:
+            if (p := ae_title_problem(c)) is not None:
+                raise ck.fail(f"{where} callers", f"{c!r} {p}")
+            if callers and c.strip() not in known_callers:
+                raise ck.fail(f"{where} callers", f"{c!r} is not a [[callers]] ae_title")
+        if pl.threshold is not None and not 0.0 <= pl.threshold <= 1.0:
+            raise ck.fail(f"{where} threshold", f"must be between 0 and 1, or empty, got {pl.threshold:g}")
+        if pl.series not in dict(series_sets):
+            raise ck.fail(f"{where} series", f"{pl.series!r} is not a rule set (known: "
+                                             f"{', '.join(n for n, _ in series_sets)})")
+        if len(set(pl.destinations)) != len(pl.destinations):
+            raise ck.fail(f"{where} destinations", "lists a destination twice")
+        for name in pl.destinations:
+            if name not in by_name:
+                raise ck.fail(f"{where} destinations", f"{name!r} is not a [[destinations]] name")
+            if pl.forwards and by_name[name].kind == "hl7":
+                raise ck.fail(f"{where} destinations", f"{name!r} is an HL7 destination, which takes results "
+                                                       "only: a store-and-forward pipeline (model = \"none\") "
+                                                       "has none")
+        if pl.quiet_seconds is not None and not 0 < pl.quiet_seconds <= completion.max_wait_seconds:
+            raise ck.fail(f"{where} quiet_seconds", f"must be more than 0 and at most [completion] max_wait_seconds "
+                                                    f"({completion.max_wait_seconds:g}), got {pl.quiet_seconds:g}")
+        if pl.model not in ("", FORWARD):
+            pipelines[i] = replace(pl, model=_absolute(pl.model, base))
+    return tuple(pipelines)
 
 
 def file_problem(path: str) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydicom.uid import generate_uid
@@ -17,7 +18,7 @@ from redis import Redis
 
 from node import __version__
 from node.audit import AuditTrail, open_trail
-from node.config import Config
+from node.config import Config, Pipeline
 from node.enqueue import redis_client
 from node.errors import AinodeError
 from node.store import Storage
@@ -36,7 +37,7 @@ class WorkerContext:
     cfg: Config
     storage: Storage
     redis: Redis
-    _model: Any = field(default=None, repr=False)
+    _models: dict[str, Any] = field(default_factory=dict, repr=False)  # resolved model path -> Model
     _mtime: float = 0.0
     _audit: AuditTrail | None = field(default=None, repr=False)
     role: str = "analyse"
@@ -52,7 +53,8 @@ class WorkerContext:
     def refresh(self) -> Config:
         """The config, re-read if its file changed (destinations added or fixed by an admin).
 
-        Storage, Redis and model stay as started; a file that no longer
+        Storage, Redis and ``[model]`` stay as started (pipelines may name new
+        models: each is loaded on its first job); a file that no longer
         validates is logged and the running config kept.
         """
         source = self.cfg.source
@@ -72,17 +74,25 @@ class WorkerContext:
 
     @property
     def model(self) -> "Model":
-        if self._model is None:
-            from node.infer import Model, resolve_model_path
+        """The model of the first pipeline (``[model] path`` unless it names its own)."""
+        return self.model_for(self.cfg.pipelines[0])
 
-            self._model = Model(resolve_model_path(self.cfg.model.path), self.cfg.model.device)
-        return self._model
+    def model_for(self, pipeline: "Pipeline") -> "Model":
+        """The model a pipeline runs, loaded once per process (pipelines that name one model share it)."""
+        from node.infer import Model, resolve_model_path
 
-    def threshold(self) -> tuple[float, str]:
-        """The threshold in use and where it comes from: ``[model] threshold`` if set, else the model card's."""
-        if self.cfg.model.threshold is not None:
-            return self.cfg.model.threshold, "config"
-        return float(self.model.card.threshold), "model card"
+        path = str(resolve_model_path(self.cfg.model_path(pipeline)))
+        if path not in self._models:
+            self._models[path] = Model(Path(path), self.cfg.model.device)
+        return self._models[path]
+
+    def threshold(self, pipeline: "Pipeline | None" = None) -> tuple[float, str]:
+        """The threshold of a pipeline (the first by default) and where it comes from: the pipeline's,
+        else ``[model] threshold``, else its model card's."""
+        pipeline = pipeline or self.cfg.pipelines[0]
+        if (value := self.cfg.threshold(pipeline)) is not None:
+            return value, "config"
+        return float(self.model_for(pipeline).card.threshold), "model card"
 
     @property
     def node_uid(self) -> str:

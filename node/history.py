@@ -25,8 +25,10 @@ from node.store import Revision, Storage
 logger = logging.getLogger(__name__)
 
 
-#: The states a study can be in, in the order a study goes through them.
-STATES = ("waiting", "queued", "analysing", "analysed", "no result", "failed", "sent", "retrying", "dead")
+#: The states a study can be in, in the order a study goes through them ("forwarded": a store-and-forward
+#: pipeline's study, to be sent on as it came).
+STATES = ("waiting", "queued", "analysing", "analysed", "forwarded", "no result", "failed", "sent", "retrying",
+          "dead")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class StudyState:
     score: float | None = None
     received_at: float | None = None  # the first instance's file time (epoch seconds)
     last_at: float | None = None  # the latest instance, revision, outcome or send
+    pipeline: str = ""  # the pipeline (called AE title) of the latest revision, else the one receiving it
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,8 +89,13 @@ def study_state(storage: Storage, cfg: Config, redis: Redis | None, study_uid: s
     last = max((i.mtime for i in files), default=None)
     revisions = storage.revisions(study_uid)
     if not revisions:
-        return StudyState(study_uid, instances, 0, "waiting", "for the quiet period", None, received, last)
+        return StudyState(study_uid, instances, 0, "waiting", "for the quiet period", None, received, last,
+                          _pipeline_name(cfg, storage.read_pipeline(study_uid)))
     rev = revisions[-1]
+    try:
+        pipeline = _pipeline_name(cfg, storage.read_revision(study_uid, rev).pipeline)
+    except (OSError, ValueError, KeyError):
+        pipeline = ""
     times = [t for t in (last, _mtime(storage.revision_path(study_uid, rev)),
                          _mtime(storage.outcome_path(study_uid, rev))) if t]
     outcome = storage.read_outcome(study_uid, rev)
@@ -96,31 +104,41 @@ def study_state(storage: Storage, cfg: Config, redis: Redis | None, study_uid: s
                  f"{lost[-1].get('then')})" if lost else "")
 
     def state(name: str, detail: str, score: float | None = None) -> StudyState:
-        return StudyState(study_uid, instances, rev, name, detail + lost_note, score, received, max(times))
+        return StudyState(study_uid, instances, rev, name, detail + lost_note, score, received, max(times), pipeline)
 
     if outcome is None:
         return state(*_job_status(redis, job_id(study_uid, rev)))
-    if outcome["status"] != "analysed":
+    if outcome["status"] not in ("analysed", "forwarded"):
         return state("no result" if outcome["status"] == "no_result" else "failed", outcome.get("reason", ""))
-    result = outcome["result"]
     sends = recorded_sends(storage, study_uid, rev)
     times += [float(s["at"]) for s in sends if isinstance(s.get("at"), (int, float))]
     order = {"dead": 3, "retrying": 2, "dropped": 1, "sent": 0}
     worst = max((s.get("status", "sent") for s in sends), key=lambda x: order.get(x, 0), default=None)
-    name = {"dead": "dead", "retrying": "retrying", None: "analysed"}.get(worst, "sent")
+    name = {"dead": "dead", "retrying": "retrying", None: outcome["status"]}.get(worst, "sent")
     described = []
     for s in sends:
         err = f" ({s.get('last_error') or s.get('reason')})" if s.get("status") != "sent" and \
             (s.get("last_error") or s.get("reason")) else ""
         described.append(f"{s.get('destination')}: {s.get('status')}{err}")
+    configured = cfg.pipeline(pipeline)
     if not sends:
-        described.append("not sent yet" if cfg.destinations else "no destinations configured")
+        described.append("not sent yet" if configured and configured.destinations else "no destinations configured")
+    if outcome["status"] == "forwarded":
+        return state(name, f"store and forward, {len(outcome.get('forward', {}))} instance(s); " + "; ".join(described))
+    result = outcome["result"]
     positive = result["score"] >= result["threshold"]
     located = len(result.get("findings", []))
     detail = (f"{percent(result['score'])} at threshold {percent(result['threshold'])} "
               f"({'positive' if positive else 'negative'}{f', {located} located' if located else ''}); "
               + "; ".join(described))
     return state(name, detail, result["score"])
+
+
+def _pipeline_name(cfg: Config, recorded: str) -> str:
+    """A revision's pipeline as people name it: its AE title ("" of ainode 0.1: the first pipeline's)."""
+    if recorded:
+        return recorded
+    return cfg.pipelines[0].name
 
 
 def list_states(storage: Storage, cfg: Config, redis: Redis | None, states: Iterable[str] = (),
@@ -195,21 +213,32 @@ class StateCache:
 
 
 def resend(storage: Storage, cfg: Config, redis: Redis, study_uid: str, destination: str | None = None) -> list[str]:
-    """Queue the latest analysed result of a study again; returns the job ids."""
+    """Queue the latest analysed result (or forwarded instances) of a study again, to its pipeline's
+    destinations or to ``destination``; returns the job ids."""
     from node.send import enqueue_send
 
     for rev in reversed(storage.revisions(study_uid)):
         outcome = storage.read_outcome(study_uid, rev)
-        if outcome and outcome["status"] == "analysed":
+        if outcome and outcome["status"] in ("analysed", "forwarded"):
             break
     else:
         raise LookupError(f"study {study_uid} has no analysed result to send")
-    names = [destination] if destination else [d.name for d in cfg.destinations]
+    recorded = storage.read_revision(study_uid, rev).pipeline
+    pipeline = cfg.pipeline(recorded)
+    if destination:
+        names = [destination]
+    elif pipeline is None:
+        raise LookupError(f"study {study_uid} was received by pipeline {recorded}, no longer configured: "
+                          "name a destination")
+    else:
+        names = list(pipeline.destinations)
     if not names:
-        raise LookupError("no destinations configured")
+        raise LookupError(f"pipeline {pipeline.name if pipeline else recorded} has no destinations")
     for name in names:
-        if cfg.destination(name) is None:
+        if (dest := cfg.destination(name)) is None:
             raise LookupError(f"unknown destination {name!r}")
+        if dest.kind == "hl7" and outcome["status"] == "forwarded":
+            raise LookupError(f"destination {name!r} is HL7, which takes results only; this study was forwarded")
     return [enqueue_send(redis, cfg, study_uid, rev, name, force=True) for name in names]
 
 
@@ -225,7 +254,7 @@ def reanalyse(storage: Storage, redis: Redis, study_uid: str) -> Revision:
         raise LookupError(f"study {study_uid} revision {last.revision} is still queued or being analysed")
     instances = {i.sop_uid: i.series_uid for i in storage.instances(study_uid)}
     number = last.revision + 1
-    rev = Revision(study_uid, number, instances, time.time(), "reanalyse", job_id(study_uid, number))
+    rev = Revision(study_uid, number, instances, time.time(), "reanalyse", job_id(study_uid, number), last.pipeline)
     storage.write_revision(rev)  # durable before the job exists, as completion does
     JobQueue(redis).enqueue(study_uid, number)
     return rev

@@ -30,14 +30,18 @@ DAY_S = 86400.0
 def sent_at(storage: Storage, cfg: Config, study_uid: str) -> float | None:
     """When the study's latest result reached its last destination; None if it is not all sent."""
     revisions = storage.revisions(study_uid)
-    if not revisions or not cfg.destinations:
+    if not revisions:
         return None
     rev = revisions[-1]
     outcome = storage.read_outcome(study_uid, rev)
-    if outcome is None or outcome["status"] != "analysed":
+    if outcome is None or outcome["status"] not in ("analysed", "forwarded"):
+        return None
+    pipeline = cfg.pipeline(storage.read_revision(study_uid, rev).pipeline)
+    destinations = cfg.destinations_of(pipeline) if pipeline is not None else ()
+    if not destinations:
         return None
     times = []
-    for dest in cfg.destinations:
+    for dest in destinations:
         state = read_send_state(storage, study_uid, rev, dest.name)
         if not state or state.get("status") != "sent":
             return None
@@ -79,5 +83,6 @@ def _remove(storage: Storage, study_uid: str) -> None:
             target = storage.tmp / f"deleting-{parent.name}-{study_uid}"
             os.replace(folder, target)
             doomed.append(target)
+    storage.forget_pipeline(study_uid)
     for target in doomed:
         shutil.rmtree(target)

@@ -30,7 +30,7 @@ from node import config as config_mod
 from node import metrics
 from node.audit import Action, AuditError, AuditTrail, Outcome, open_trail
 from node.completion import Completion
-from node.config import Config
+from node.config import Config, Pipeline
 from node.embedded_redis import EmbeddedRedis, pid_alive
 from node.enqueue import QUEUE_NAME, JobQueue, redis_client
 from node.errors import AinodeError, ConfigError
@@ -217,7 +217,8 @@ class Node:
         self.audit = open_trail(cfg.audit_path, cfg.node.ae_title, "serve", cfg.audit.syslog)
         tls_context = server_context(cfg.tls, str(cfg.source or "config")) if cfg.tls.enabled else None
         self.redis, self.embedded = connect_redis(cfg)
-        self.completion = Completion(self.storage, self.redis, cfg.completion, JobQueue(self.redis))
+        self.completion = Completion(self.storage, self.redis, cfg.completion, JobQueue(self.redis),
+                                     quiet_by_pipeline=_quiet_by_pipeline(cfg))
         try:
             self.completion.reconcile()
         except OSError as exc:  # the completion loop tries again
@@ -226,7 +227,7 @@ class Node:
         # earlier nodes, all gone now (their workers died with them or were stopped above).
         self.scheduling = Scheduling(self.redis, clear_stale_locks=self.embedded is not None)
         self._recover_dead_workers()
-        self.policy = Policy(cfg.node.ae_title, cfg.callers)
+        self.policy = Policy(cfg.pipelines, cfg.callers)
         self.receiver = Receiver(self.storage, self.completion, self.policy, cfg.node.min_free_mb, self.audit)
         self.server = Server(self.receiver, Limits.of(cfg))
         self.server.tls_context = tls_context
@@ -253,7 +254,8 @@ class Node:
                          "cannot be written", exc)
         logger.info(
             "ainode listening as %s on %s, storage %s, audit %s%s, Redis %s",
-            cfg.node.ae_title, " and ".join(ports), cfg.node.storage, cfg.audit_path,
+            ", ".join(_pipeline_words(p) for p in cfg.pipelines) if cfg.declared_pipelines else cfg.node.ae_title,
+            " and ".join(ports), cfg.node.storage, cfg.audit_path,
             f" and syslog {self.audit.syslog.target}" if self.audit.syslog else "",
             "embedded" if self.embedded else _mask(cfg.redis.url),
         )
@@ -368,15 +370,17 @@ class Node:
         assert self.server is not None
         if tls_context is not None:
             self.server.tls_context = tls_context  # new connections get the new certificate, key and CA
-        self.policy.update(new.node.ae_title, new.callers)
+        self.policy.update(new.pipelines, new.callers)
         self.server.limits = Limits.of(new)
         self.receiver.min_free_mb = new.node.min_free_mb
-        self.completion.update_config(new.completion)
+        self.completion.update_config(new.completion, _quiet_by_pipeline(new))
         kept = replace(new.node, host=old.node.host, port=old.node.port, storage=old.node.storage)
         tls = replace(new.tls, enabled=old.tls.enabled, port=old.tls.port)
         self.cfg = replace(new, node=kept, redis=old.redis, tls=tls, audit=old.audit)
-        security = (new.node.ae_title, new.callers, new.tls) != (old.node.ae_title, old.callers, old.tls)
-        what = f"{len(new.callers)} callers, {len(new.destinations)} destinations"
+        security = ((new.pipelines, new.callers, new.tls) != (old.pipelines, old.callers, old.tls))
+        what = (f"{len(new.pipelines)} pipeline{'s' if len(new.pipelines) > 1 else ''} "
+                f"({', '.join(p.name for p in new.pipelines)}), {len(new.callers)} callers, "
+                f"{len(new.destinations)} destinations")
         self._audit_reload(security, Outcome.SUCCESS, f"config reloaded: {what}")
         logger.info("SIGHUP: config reloaded from %s: %s", new.source, what)
 
@@ -430,6 +434,17 @@ class Node:
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_hup)
+
+
+def _pipeline_words(p: Pipeline) -> str:
+    return f"{p.name} ({'store and forward' if p.forwards else 'analyse'} to {', '.join(p.destinations) or 'nowhere'})"
+
+
+def _quiet_by_pipeline(cfg: Config) -> dict[str, float]:
+    """Each pipeline's quiet period, by the name its studies' revisions carry ("" for ainode 0.1's)."""
+    quiet = {p.name: cfg.quiet_seconds(p) for p in cfg.pipelines}
+    quiet[""] = cfg.quiet_seconds(cfg.pipelines[0])
+    return quiet
 
 
 def _version() -> str:

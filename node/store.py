@@ -3,7 +3,8 @@
 Layout under the storage root::
 
     studies/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm   received instances
-    state/<StudyUID>/rev-0001.json                        one file per queued revision
+    state/<StudyUID>/pipeline.json                        the pipeline (called AE title) that received it last
+    state/<StudyUID>/rev-0001.json                        one file per queued revision (and its pipeline)
     state/<StudyUID>/rev-0001.outcome.json                its outcome (analysed, no result, failed)
     state/<StudyUID>/rev-0001.send-<dest>.json            its delivery to one destination
     state/<StudyUID>/rev-0001.lost.json                   runs of it lost with their worker (killed mid-job)
@@ -24,6 +25,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,11 +177,13 @@ class Revision:
     completed_at: float
     reason: str  # "quiet" | "max_wait" | "reconcile"
     job_id: str
+    pipeline: str = ""  # the called AE title of the pipeline; "" (ainode 0.1): the first pipeline
 
     def to_json(self) -> dict[str, Any]:
         return {
             "study_uid": self.study_uid,
             "revision": self.revision,
+            "pipeline": self.pipeline,
             "completed_at": self.completed_at,
             "reason": self.reason,
             "job_id": self.job_id,
@@ -196,6 +200,8 @@ class Storage:
         self.state = self.root / "state"
         self.tmp = self.root / "tmp"
         self.results = self.root / "results"
+        self._pipelines: dict[str, str] = {}  # study -> the pipeline its marker names, as this process wrote or read it
+        self._pipelines_lock = threading.Lock()
 
     def prepare(self, clear_tmp: bool = True) -> None:
         """Create the folders (mode 0700) and, with ``clear_tmp``, remove what a crash left in tmp/.
@@ -313,6 +319,41 @@ class Storage:
         for study in self.study_uids():
             yield from self.instances(study)
 
+    # --- which pipeline received a study ------------------------------------------
+
+    def pipeline_path(self, study_uid: str) -> Path:
+        return self.state / check_uid(study_uid, "Study Instance UID") / "pipeline.json"
+
+    def mark_pipeline(self, study_uid: str, pipeline: str) -> None:
+        """Record, durably, that ``pipeline`` received the study's latest instance (before its Success).
+
+        Written when it changes, so a study's first instance costs one small
+        write and the rest none; its next revision runs in that pipeline.
+        """
+        with self._pipelines_lock:
+            if self._pipelines.get(study_uid) == pipeline:
+                return
+        if self.read_pipeline(study_uid) != pipeline:
+            path = self.pipeline_path(study_uid)
+            self.ensure_dir(path.parent)
+            write_atomic(path, json.dumps({"pipeline": pipeline, "at": time.time()}).encode(), self.tmp)
+        with self._pipelines_lock:
+            if len(self._pipelines) > 100_000:
+                self._pipelines.clear()
+            self._pipelines[study_uid] = pipeline
+
+    def read_pipeline(self, study_uid: str) -> str:
+        """The pipeline that received the study's latest instance; "" when none is recorded (ainode 0.1)."""
+        try:
+            return str(json.loads(self.pipeline_path(study_uid).read_text())["pipeline"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return ""
+
+    def forget_pipeline(self, study_uid: str) -> None:
+        """Drop what this process remembers of a study's marker (the study was deleted)."""
+        with self._pipelines_lock:
+            self._pipelines.pop(study_uid, None)
+
     # --- revisions -----------------------------------------------------------------
 
     def revisions(self, study_uid: str) -> list[int]:
@@ -333,7 +374,8 @@ class Storage:
     def read_revision(self, study_uid: str, revision: int) -> Revision:
         data = json.loads(self.revision_path(study_uid, revision).read_text())
         return Revision(
-            data["study_uid"], data["revision"], data["instances"], data["completed_at"], data["reason"], data["job_id"]
+            data["study_uid"], data["revision"], data["instances"], data["completed_at"], data["reason"], data["job_id"],
+            data.get("pipeline", ""),
         )
 
     def latest_revision(self, study_uid: str) -> Revision | None:

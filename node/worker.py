@@ -31,7 +31,7 @@ from rq.worker import WorkerStatus
 
 from node import metrics
 from node.audit import Action, AuditTrail, Outcome
-from node.config import Config
+from node.config import Config, Pipeline
 from node.context import WorkerContext, context, redis_for, set_context
 from node.enqueue import QUEUE_NAME
 from node.errors import NoUsableSeriesError, StudyLimitError, VolumeError
@@ -59,20 +59,33 @@ ANALYSE_BATCH = 16
 
 
 def analyse_study(study_uid: str, revision: int) -> str:
-    """The rq job queued by completion: analyse one revision of a study."""
+    """The rq job queued by completion: analyse one revision of a study in its pipeline (or, for a
+    store-and-forward pipeline, record what to forward), then queue its delivery."""
     ctx = context()
     storage = ctx.storage
     audit = ctx.audit
-    audit.job(study_uid, revision, Action.READ, Outcome.SUCCESS, "analysis started")
+    cfg = ctx.refresh()
+    rev = storage.read_revision(study_uid, revision)
+    pipeline = cfg.pipeline(rev.pipeline)
+    named = rev.pipeline or (pipeline.name if pipeline else "?")
+    audit.job(study_uid, revision, Action.READ, Outcome.SUCCESS, f"analysis started (pipeline {named})")
     outcome = storage.read_outcome(study_uid, revision)
     if outcome is None:
         try:
-            outcome = _analyse(ctx, study_uid, revision)
+            if pipeline is None:
+                logger.error("Study %s r%d: pipeline %s is no longer configured", study_uid, revision, named)
+                outcome = storage.write_outcome(study_uid, revision, "failed", pipeline=named,
+                                                reason=f"pipeline {named} is no longer configured")
+            elif pipeline.forwards:
+                outcome = _forward(ctx, study_uid, revision, pipeline)
+            else:
+                outcome = _analyse(ctx, study_uid, revision, pipeline)
         except Exception as exc:  # transient (I/O, a worker problem): rq retries; the last try records why
             job = get_current_job()
             last = job is None or not job.retries_left
             if last:
-                storage.write_outcome(study_uid, revision, "failed", reason=f"{type(exc).__name__}: {exc}")
+                storage.write_outcome(study_uid, revision, "failed", pipeline=named,
+                                      reason=f"{type(exc).__name__}: {exc}")
             audit.job(study_uid, revision, Action.READ, Outcome.SERIOUS_FAILURE if last else Outcome.MINOR_FAILURE,
                       f"analysis failed{'' if last else ', will be retried'}: {type(exc).__name__}: {exc}")
             raise
@@ -80,28 +93,48 @@ def analyse_study(study_uid: str, revision: int) -> str:
     else:
         logger.info("Study %s r%d: already %s, not analysed again", study_uid, revision, outcome["status"])
         audit.job(study_uid, revision, Action.READ, Outcome.SUCCESS, f"already {outcome['status']}, not analysed again")
-    if outcome["status"] == "analysed":
-        cfg = ctx.refresh()
-        for dest in cfg.destinations:
+    if outcome["status"] in ("analysed", "forwarded") and pipeline is not None:
+        for dest in cfg.destinations_of(pipeline):
             enqueue_send(ctx.redis, cfg, study_uid, revision, dest.name)
     return str(outcome["status"])
+
+
+def _forward(ctx: WorkerContext, study_uid: str, revision: int, pipeline: Pipeline) -> dict[str, Any]:
+    """Store and forward: the revision's instances that no earlier revision forwarded are to be sent on."""
+    storage = ctx.storage
+    rev = storage.read_revision(study_uid, revision)
+    earlier = set()
+    for r in storage.revisions(study_uid):
+        if r < revision and (prior := storage.read_outcome(study_uid, r)) and prior["status"] == "forwarded":
+            earlier |= set(prior.get("forward", {}))
+    forward = {sop: series for sop, series in sorted(rev.instances.items()) if sop not in earlier}
+    logger.info("Study %s r%d: store and forward (pipeline %s): %d instance(s) to %s", study_uid, revision,
+                pipeline.name, len(forward), ", ".join(pipeline.destinations) or "no destination")
+    return storage.write_outcome(study_uid, revision, "forwarded", pipeline=pipeline.name, forward=forward)
 
 
 def _audit_outcome(audit: AuditTrail, outcome: dict[str, Any]) -> None:
     """The end of an analysis: C (its result objects made), or why there is no result."""
     study_uid, revision, status = outcome["study_uid"], outcome["revision"], outcome["status"]
+    pipeline = f" (pipeline {outcome['pipeline']})" if outcome.get("pipeline") else ""
     if status == "analysed":
         made = sorted(name.removesuffix(".dcm") for name in outcome.get("objects", {}).values())
-        audit.job(study_uid, revision, Action.CREATE, Outcome.SUCCESS, f"analysed, {len(made)} object(s) made", made)
+        audit.job(study_uid, revision, Action.CREATE, Outcome.SUCCESS, f"analysed{pipeline}, {len(made)} object(s) made",
+                  made)
+    elif status == "forwarded":
+        audit.job(study_uid, revision, Action.READ, Outcome.SUCCESS,
+                  f"to be forwarded{pipeline}: {len(outcome.get('forward', {}))} instance(s)")
     elif status == "no_result":
-        audit.job(study_uid, revision, Action.READ, Outcome.MINOR_FAILURE, f"no result: {outcome.get('reason', '')}")
+        audit.job(study_uid, revision, Action.READ, Outcome.MINOR_FAILURE,
+                  f"no result{pipeline}: {outcome.get('reason', '')}")
     else:
-        audit.job(study_uid, revision, Action.READ, Outcome.SERIOUS_FAILURE, f"failed: {outcome.get('reason', '')}")
+        audit.job(study_uid, revision, Action.READ, Outcome.SERIOUS_FAILURE,
+                  f"failed{pipeline}: {outcome.get('reason', '')}")
 
 
 def make_result(
     study_uid: str, revision: int, vol: "Volume", analysis: "Analysis", model: ModelInfo, threshold: float,
-    max_findings: int,
+    max_findings: int, pipeline: str = "",
 ) -> Result:
     """The result of one analysis: the study score, the key slices and, when the model locates them,
     the findings at or above the threshold (at most ``max_findings``) of a positive study."""
@@ -123,11 +156,11 @@ def make_result(
         ),
         key_images=tuple(KeyImage(image(z), float(analysis.slice_scores[z])) for z in analysis.key_slices),
         model=model,
-        extra={"pixel_spacing": [vol.spacing[1], vol.spacing[2]]},
+        extra={"pixel_spacing": [vol.spacing[1], vol.spacing[2]], **({"pipeline": pipeline} if pipeline else {})},
     )
 
 
-def _analyse(ctx: WorkerContext, study_uid: str, revision: int) -> dict[str, Any]:
+def _analyse(ctx: WorkerContext, study_uid: str, revision: int, pipeline: Pipeline) -> dict[str, Any]:
     from node import volume
 
     storage = ctx.storage
@@ -136,16 +169,16 @@ def _analyse(ctx: WorkerContext, study_uid: str, revision: int) -> dict[str, Any
     paths = [storage.instance_path(study_uid, series, sop) for sop, series in sorted(rev.instances.items())]
     paths = [p for p in paths if p.exists()]
     try:
-        choice, vol = volume.load_study(paths, ctx.cfg.series)
+        choice, vol = volume.load_study(paths, ctx.cfg.rules(pipeline))
     except (NoUsableSeriesError, StudyLimitError) as exc:
         logger.warning("Study %s r%d: no result: %s", study_uid, revision, exc)
-        return storage.write_outcome(study_uid, revision, "no_result", reason=str(exc))
+        return storage.write_outcome(study_uid, revision, "no_result", pipeline=pipeline.name, reason=str(exc))
     except VolumeError as exc:
         logger.error("Study %s r%d: failed: %s", study_uid, revision, exc)
-        return storage.write_outcome(study_uid, revision, "failed", reason=str(exc))
+        return storage.write_outcome(study_uid, revision, "failed", pipeline=pipeline.name, reason=str(exc))
     loaded = time.monotonic()
-    model = ctx.model
-    threshold, threshold_source = ctx.threshold()
+    model = ctx.model_for(pipeline)
+    threshold, threshold_source = ctx.threshold(pipeline)
     dz, dy, dx = (s if s > 0 else 1.0 for s in vol.spacing)  # a missing Pixel Spacing: 1 mm, for suppression only
     spacing = (dz, dy, dx)
     analysis = model.analyse(vol.hu, spacing=spacing, max_peaks=ctx.cfg.model.max_findings, batch_size=ANALYSE_BATCH)
@@ -154,11 +187,12 @@ def _analyse(ctx: WorkerContext, study_uid: str, revision: int) -> dict[str, Any
     metrics.INFERENCE_SLICES.labels(provider).inc(int(vol.hu.shape[0]))
     card = model.card
     info = ModelInfo(card.name, card.version, card.sha256, threshold_source, analysis.aggregation, analysis.located)
-    result = make_result(study_uid, revision, vol, analysis, info, threshold, ctx.cfg.model.max_findings)
+    result = make_result(study_uid, revision, vol, analysis, info, threshold, ctx.cfg.model.max_findings,
+                         pipeline.name if ctx.cfg.declared_pipelines else "")
     device = ctx.device()
     used = list(vol.sop_instance_uids)
     objects, object_seconds = {}, {}
-    for kind in all_kinds(ctx.cfg.destinations, DEFAULT_SR_CLASS):
+    for kind in all_kinds(ctx.cfg.destinations_of(pipeline), DEFAULT_SR_CLASS):
         t0 = time.monotonic()
         objects[kind] = ensure_object(storage, device, study_uid, revision, kind, result, used).name
         object_seconds[kind] = round(time.monotonic() - t0, 3)
@@ -166,16 +200,16 @@ def _analyse(ctx: WorkerContext, study_uid: str, revision: int) -> dict[str, Any
                "locate": round(analysis.locate_seconds, 3), "objects": object_seconds,
                "total": round(time.monotonic() - started, 3)}
     logger.info(
-        "Study %s r%d: probability %.3f (%s at %.2f, %s), %d finding(s)%s, %d slices of series %s, "
+        "Study %s r%d (pipeline %s): probability %.3f (%s at %.2f, %s), %d finding(s)%s, %d slices of series %s, "
         "key images %s, %.1f s on %s",
-        study_uid, revision, result.score, "positive" if result.positive else "negative", threshold,
+        study_uid, revision, pipeline.name, result.score, "positive" if result.positive else "negative", threshold,
         threshold_source, len(result.findings),
         "".join(f" [image {f.image.label} ({f.row:.0f}, {f.column:.0f}) {f.probability:.2f}]" for f in result.findings),
         vol.hu.shape[0], vol.series_uid, [k.image.label for k in result.key_images], seconds["total"],
         analysis.providers[0] if analysis.providers else "?",
     )
     return storage.write_outcome(
-        study_uid, revision, "analysed", result=result.to_json(), objects=objects,
+        study_uid, revision, "analysed", pipeline=pipeline.name, result=result.to_json(), objects=objects,
         series_why=choice.why, instances_used=used, slices=int(vol.hu.shape[0]),
         missing_slices=int(vol.missing_slices), providers=list(analysis.providers), seconds=seconds,
     )
@@ -248,6 +282,31 @@ def _quiet_rq(level: str) -> str:
     return rq_level
 
 
+def _load_models(ctx: WorkerContext) -> None:
+    """Load every analysing pipeline's model now: a bad model stops the worker at start, not at the first job."""
+    from node.results.sr import warm_up
+
+    analysing = [p for p in ctx.cfg.pipelines if not p.forwards]
+    if not analysing:
+        logger.info("Worker ready: every pipeline stores and forwards, no model loaded")
+        return
+    warm_up()
+    for pipeline in analysing:
+        model = ctx.model_for(pipeline)
+        threshold, source = ctx.threshold(pipeline)
+        where = f"pipeline {pipeline.name}: " if ctx.cfg.declared_pipelines else ""
+        logger.info("Worker ready: %smodel %s %s on %s", where, model.card.name, model.card.version,
+                    ", ".join(model.providers))
+        if source == "config":
+            logger.warning("%sthreshold %.3g overrides the model card's %.3g (%s)", where or "[model] ", threshold,
+                           model.card.threshold, model.card.threshold_method)
+        else:
+            logger.info("%sThreshold %.3g, the model card's (%s)", where, threshold, model.card.threshold_method)
+        if not model.map_name:
+            logger.warning("Model %s has no score map: results will give a study score and key images, "
+                           "no located findings", model.card.name)
+
+
 def queues_for(role: str, redis: Redis) -> list[Queue]:
     name = {"analyse": QUEUE_NAME, "send": SEND_QUEUE}[role]
     return [Queue(name, connection=redis)]
@@ -268,22 +327,7 @@ def run_worker(cfg: Config, role: str = "analyse", *, burst: bool = False, super
     set_context(ctx)
     audit = ctx.audit  # opened now: a bad audit path stops the worker at start
     if role == "analyse":
-        model = ctx.model  # load once, now: a bad model stops the worker at start, not at the first job
-        from node.results.sr import warm_up
-
-        warm_up()
-        logger.info("Worker ready: model %s %s on %s", model.card.name, model.card.version, ", ".join(model.providers))
-        threshold, source = ctx.threshold()
-        if source == "config":
-            logger.warning(
-                "[model] threshold %.3g overrides the model card's %.3g (%s)",
-                threshold, model.card.threshold, model.card.threshold_method,
-            )
-        else:
-            logger.info("Threshold %.3g, the model card's (%s)", threshold, model.card.threshold_method)
-        if not model.map_name:
-            logger.warning("Model %s has no score map: results will give a study score and key images, "
-                           "no located findings", model.card.name)
+        _load_models(ctx)
     name = worker_name(role, os.getpid())
     worker = AinodeWorker(queues_for(role, redis), connection=redis, name=name)
     audit.application(True, f"worker {name} started")

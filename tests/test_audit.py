@@ -360,7 +360,8 @@ def test_analysis_job_start_and_end_audited(tmp_path):
     events = read_events(storage.root / "audit.jsonl")
     assert [summary(e) for e in events] == [("110103", "R", 0), ("110103", "R", 4), ("110103", "R", 0),
                                             ("110103", "R", 0)]
-    assert events[1]["outcome_description"].startswith("no result: ")
+    assert events[0]["outcome_description"] == "analysis started (pipeline AINODE)"
+    assert events[1]["outcome_description"].startswith("no result (pipeline AINODE): ")
     assert events[3]["outcome_description"] == "already no_result, not analysed again"
     assert all(e["objects"][0]["id"] == study and e["objects"][0]["detail"] == {"revision": 1} for e in events)
     assert events[0]["source"]["process"] == "worker-analyse"

@@ -289,6 +289,7 @@ class Association:
                          calling, called)
             return False
         self.established = True
+        self.peer = Peer(calling, self.address, self.port, called)  # called: a pipeline's AE title, policy said
         self._accept(rq, contexts, user_items)
         return True
 

@@ -49,11 +49,13 @@ MAX_INFLATED = 1 << 30
 
 @dataclass(frozen=True)
 class Peer:
-    """Who sent it: the calling AE title (stripped) and the connection's address."""
+    """Who sent it: the calling AE title (stripped), the connection's address and, once accepted, the
+    called AE title (the pipeline)."""
 
     ae_title: str
     address: str
     port: int
+    called: str = ""
 
     def __str__(self) -> str:
         return f"{self.ae_title or '?'}@{self.address}:{self.port}"
@@ -136,6 +138,7 @@ class Receiver:
         assert study_uid and series_uid and sop_class
         try:
             _, replaced = self.storage.commit_partial(partial, study_uid, series_uid, sop_uid)
+            self.storage.mark_pipeline(study_uid, peer.called)
         except OSError as exc:
             return self.failure(OUT_OF_RESOURCES, f"cannot write: {exc.strerror or exc}", peer, known)
         try:  # durable before Success: a crash loses no audit event of an acknowledged instance
@@ -144,7 +147,7 @@ class Receiver:
         except AuditError as exc:
             logger.error("Study %s: %s stored but not audited: %s", study_uid, sop_uid, exc)
             return self.failure(OUT_OF_RESOURCES, "cannot write the audit trail", peer)
-        self.completion.instance_stored(study_uid)
+        self.completion.instance_stored(study_uid, peer.called)
         logger.debug("Study %s: stored %s%s", study_uid, sop_uid, " (replaced)" if replaced else "")
         return SUCCESS, None
 

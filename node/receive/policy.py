@@ -1,10 +1,10 @@
-"""Who may associate: the called AE title, the allowed callers and their hosts."""
+"""Who may associate: the called AE title (one per pipeline), the allowed callers, their hosts, and who may call which pipeline."""
 
 from __future__ import annotations
 
 import threading
 
-from node.config import Caller
+from node.config import Caller, Pipeline
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 Table 9-21.
 REJECT_NO_REASON = (0x01, 0x01, 0x01)  # permanent, service user, no reason given
@@ -34,32 +34,37 @@ def ae_title_problem(raw: bytes) -> str | None:
 
 
 class Policy:
-    """The called AE title and the allowed callers.
+    """The called AE titles (one per pipeline) and the allowed callers.
 
-    Replaced as a whole on SIGHUP; readers take one consistent snapshot.
+    Replaced as a whole on SIGHUP; readers take one consistent snapshot, so an
+    association keeps the pipeline it was accepted for.
     """
 
-    def __init__(self, ae_title: str, callers: tuple[Caller, ...]) -> None:
+    def __init__(self, pipelines: tuple[Pipeline, ...], callers: tuple[Caller, ...]) -> None:
         self._lock = threading.Lock()
-        self._snapshot = (ae_title, callers)
+        self._snapshot = (pipelines, callers)
 
-    def update(self, ae_title: str, callers: tuple[Caller, ...]) -> None:
+    def update(self, pipelines: tuple[Pipeline, ...], callers: tuple[Caller, ...]) -> None:
         with self._lock:
-            self._snapshot = (ae_title, callers)
+            self._snapshot = (pipelines, callers)
 
     @property
-    def ae_title(self) -> str:
+    def ae_titles(self) -> list[str]:
         with self._lock:
-            return self._snapshot[0]
+            return [p.name for p in self._snapshot[0]]
 
     def check(self, calling: str, called: str, address: str) -> tuple[Reason, str] | None:
         """None if the peer may associate, else (reject reason, why in words)."""
         with self._lock:
-            ae_title, callers = self._snapshot
-        if called.strip() != ae_title.strip():
-            return REJECT_CALLED_AE, f"called AE title {called.strip()!r} is not {ae_title!r}"
+            pipelines, callers = self._snapshot
+        pipeline = next((p for p in pipelines if p.name == called.strip()), None)
+        if pipeline is None:
+            titles = ", ".join(repr(p.name) for p in pipelines)
+            return REJECT_CALLED_AE, f"called AE title {called.strip()!r} is not {'one of ' if len(pipelines) > 1 else ''}{titles}"
         if callers and not any(c.admits(calling, address) for c in callers):
             known = any(c.ae_title.strip() == calling.strip() for c in callers)
             why = "is not allowed from this host" if known else "is not an allowed caller"
             return REJECT_CALLING_AE, f"calling AE title {calling.strip()!r} {why}"
+        if not pipeline.admits(calling):
+            return REJECT_CALLING_AE, f"calling AE title {calling.strip()!r} may not call {pipeline.name!r}"
         return None

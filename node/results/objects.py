@@ -42,7 +42,10 @@ SERIES_NUMBERS = {"sr": 9001, SC: 9002, KO: 9003}
 
 
 def kinds_for(dest: Destination) -> list[str]:
-    """The object kinds a destination gets, in the order they are sent (SR first)."""
+    """The object kinds a destination gets, in the order they are sent (SR first); an HL7 destination's
+    message names the SR, so it needs that alone."""
+    if dest.kind == "hl7":
+        return [f"{SR_PREFIX}{dest.sr_class}"]
     kinds = []
     for obj in dest.objects:
         kinds.append(f"{SR_PREFIX}{dest.sr_class}" if obj == "sr" else obj)

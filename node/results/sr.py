@@ -295,10 +295,12 @@ def study_tracking_uid(result: Result) -> str:
 
 def algorithm_parameters(result: Result) -> list[str]:
     """The TID 4019 parameter items: threshold (with where it came from), aggregation, sha256, the notice."""
+    pipeline = [f"pipeline={result.extra['pipeline']}"] if result.extra.get("pipeline") else []
     return [
         f"threshold={percent(result.threshold)} ({result.model.threshold_source})",
         f"aggregation={result.model.aggregation}",
         f"sha256={result.model.sha256}",
+        *pipeline,
         f"intended use={DEMO_NOTICE}",
     ]
 

@@ -1,4 +1,12 @@
-"""C-STORE SCU: Part 10 files to a storage SCP in one association (over DICOM TLS when asked)."""
+"""C-STORE SCU: Part 10 files to a storage SCP in one association (over DICOM TLS when asked).
+
+Each file is sent in the transfer syntax it is stored in, its data set bytes
+as they are (pynetdicom reads a file given by path without decoding it): a
+forwarded JPEG CT arrives with the very pixel data the scanner sent. A file
+in a native transfer syntax may also go in the other native one the peer
+prefers; a compressed one is never transcoded, so a peer that accepts none
+of its transfer syntax gets a clear failure instead.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pydicom import dcmread
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from node.config import Destination, TLSConfig
@@ -16,6 +25,9 @@ from node.send.delivery import Delivery, SendError
 logger = logging.getLogger(__name__)
 
 SUCCESS = 0x0000
+NATIVE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+#: An association proposes at most 128 presentation contexts (PS3.8: odd IDs 1-255).
+MAX_CONTEXTS = 128
 
 
 def c_store(
@@ -30,13 +42,18 @@ def c_store(
     files = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     if not files:
         raise ValueError('Argument "paths" must name at least one file.')
-    datasets = [dcmread(p) for p in files]
+    where = f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}{', TLS' if dest.tls else ''})"
+    metas = [_meta(p) for p in files]
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
-    for sop_class in dict.fromkeys(str(ds.SOPClassUID) for ds in datasets):
-        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    where = f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}{', TLS' if dest.tls else ''})"
+    pairs = list(dict.fromkeys(metas))
+    if len(pairs) > MAX_CONTEXTS:
+        raise SendError(f"{where}: {len(pairs)} SOP class and transfer syntax pairs, more than one association "
+                        f"can propose ({MAX_CONTEXTS})")
+    for sop_class, syntax in pairs:  # one context per pair: the peer must not pick another syntax for a compressed file
+        ae.add_requested_context(sop_class, [syntax, *(n for n in NATIVE if n != syntax)] if syntax in NATIVE
+                                 else [syntax])
     tls_args = None
     if dest.tls:
         from node.tls import tls_args as make_tls_args
@@ -57,20 +74,35 @@ def c_store(
         raise SendError(f"{where}: no association (refused, aborted or timed out)")
     codes: list[int] = []
     try:
-        for ds in datasets:
-            codes.append(_store_one(assoc, ds, where))
+        for path, (sop_class, syntax) in zip(files, metas):
+            codes.append(_store_one(assoc, path, sop_class, syntax, where))
     finally:
         if assoc.is_established:
             assoc.release()
     return Delivery(codes[-1], time.monotonic() - started, tuple(codes))
 
 
-def _store_one(assoc: Any, ds: Any, where: str) -> int:
+def _meta(path: Path) -> tuple[str, str]:
+    """(SOP class, transfer syntax) from a Part 10 file's meta; SendError when it has none."""
+    try:
+        meta = read_file_meta_info(path)
+        return str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
+    except (OSError, AttributeError, ValueError) as exc:
+        raise SendError(f"{path.name}: not a readable Part 10 file: {exc}") from None
+
+
+def _store_one(assoc: Any, path: Path, sop_class: str, syntax: str, where: str) -> int:
     """One C-STORE on an open association: the status, or SendError for a failure."""
-    what = f"{where}: C-STORE of {ds.SOPInstanceUID}"
-    if not any(c.abstract_syntax == ds.SOPClassUID for c in assoc.accepted_contexts):
-        raise SendError(f"{what}: the peer accepts no presentation context for SOP class {ds.SOPClassUID}")
-    status = assoc.send_c_store(ds)
+    what = f"{where}: C-STORE of {path.stem}"
+    accepted = [c.transfer_syntax[0] for c in assoc.accepted_contexts if c.abstract_syntax == sop_class]
+    if not accepted:
+        raise SendError(f"{what}: the peer accepts no presentation context for SOP class {sop_class}")
+    if syntax in accepted:
+        status = assoc.send_c_store(path)  # the file's data set as it is, never decoded
+    elif syntax in NATIVE:
+        status = assoc.send_c_store(dcmread(path))  # encoded again in the native syntax the peer took
+    else:
+        raise SendError(f"{what}: the peer does not accept its transfer syntax {syntax} (not transcoded)")
     if not status or "Status" not in status:
         raise SendError(f"{what}: no response (connection lost or timed out)")
     code = int(status.Status)
