@@ -1,5 +1,5 @@
-"""Admin commands: allowed callers (``ainode ae``), destinations (``ainode dest``)
-and ``ainode config check``.
+"""Admin commands: allowed callers (``ainode ae``), destinations (``ainode dest``),
+pipelines (``ainode pipeline``) and ``ainode config check``.
 
 Edits go through :func:`edit_config`: read the file with tomlkit (comments and
 layout kept), change the ``[[callers]]`` / ``[[destinations]]`` tables, validate
@@ -45,6 +45,7 @@ STATUS_SUCCESS = 0x0000
 
 CALLERS = "callers"
 DESTINATIONS = "destinations"
+PIPELINES = "pipelines"
 
 Command = Callable[[argparse.Namespace], int]
 Change = Callable[[TOMLDocument], "str | None"]
@@ -222,6 +223,10 @@ def _where(caller_host: str | None) -> str:
 
 
 def _dest_label(d: Destination) -> str:
+    if d.kind == "dicomweb":
+        return f"{d.name} (DICOMweb {mask_url(d.url)}{', token from ' + d.auth_file if d.auth_file else ''})"
+    if d.kind == "hl7":
+        return f"{d.name} (HL7 {d.host}:{d.port}{', TLS' if d.tls else ''})"
     return f"{d.name} ({d.ae_title}@{d.host}:{d.port}{', TLS' if d.tls else ''})"
 
 
@@ -314,41 +319,70 @@ def cmd_dest_list(args: argparse.Namespace) -> int:
         return EXIT_OK
     width = max(len(d.name) for d in cfg.destinations)
     for d in cfg.destinations:
-        print(f"{d.name:<{width}}  {d.ae_title}@{d.host}:{d.port}{'  TLS' if d.tls else ''}  "
-              f"gets {', '.join(_object_words(d))}")
+        users = [p.name for p in cfg.pipelines if d.name in p.destinations]
+        used = f"  pipelines: {', '.join(users) or 'none'}" if cfg.declared_pipelines else ""
+        print(f"{d.name:<{width}}  {_dest_label(d).removeprefix(d.name + ' ')}  gets {', '.join(_object_words(d))}"
+              f"{used}")
     return EXIT_OK
 
 
 def _object_words(d: Destination) -> list[str]:
+    if d.kind == "hl7":
+        return ["ORU^R01 naming the SR"]
     words = {"sr": f"SR ({d.sr_class})", "sc": "summary image", "ko": "key objects"}
     return [words[o] for o in d.objects]
 
 
 def cmd_dest_add(args: argparse.Namespace) -> int:
-    """Add a ``[[destinations]]`` entry; the name must be new."""
-    _check("--ae", config.ae_title_problem(args.ae))
-    _check("--host", config.host_problem(args.host))
-    port = _int_arg("--port", args.port)
-    _check("--port", config.port_problem(port))
+    """Add a ``[[destinations]]`` entry of one kind; the name must be new."""
+    kind = args.kind
+    needs = {"dicom": ("ae", "host", "port"), "dicomweb": ("url",), "hl7": ("host", "port")}[kind]
+    for key in needs:
+        if not getattr(args, key):
+            raise AdminError(f"--{key}: is required for --kind {kind}")
+    for key in ("ae", "url", "auth_file", "ca", "application", "facility"):
+        if getattr(args, key) and key not in needs and key not in {"dicom": (), "dicomweb": ("auth_file", "ca"),
+                                                                   "hl7": ("application", "facility")}[kind]:
+            raise AdminError(f"--{key.replace('_', '-')}: does not apply to --kind {kind}")
+    values: dict[str, Any] = {"name": args.name}
+    if kind != "dicom":
+        values["kind"] = kind
+    if kind == "dicom":
+        _check("--ae", config.ae_title_problem(args.ae))
+        values["ae_title"] = args.ae.strip()
+    if kind in ("dicom", "hl7"):
+        _check("--host", config.host_problem(args.host))
+        port = _int_arg("--port", args.port)
+        _check("--port", config.port_problem(port))
+        values.update(host=args.host, port=port)
+        if args.tls:
+            values["tls"] = True
+    elif args.tls:
+        raise AdminError("--tls: a DICOMweb destination uses TLS when its URL is https://")
+    for key in ("url", "auth_file", "ca", "application", "facility"):
+        if getattr(args, key):
+            values[key] = getattr(args, key)
     objects = tuple(o.strip() for o in args.objects.split(",")) if args.objects else config.RESULT_OBJECTS
     if not objects or any(o not in config.RESULT_OBJECTS for o in objects) or len(set(objects)) != len(objects):
         _check("--objects", f"must be a comma-separated list of {', '.join(config.RESULT_OBJECTS)}, "
                             f"each at most once, got {args.objects!r}")
-    dest = Destination(args.name, ae_title=args.ae.strip(), host=args.host, port=port, tls=args.tls, objects=objects)
+    if objects != config.RESULT_OBJECTS:
+        values["objects"] = list(objects)
+    label = args.name
 
     def change(doc: TOMLDocument) -> str:
-        if any(t.get("name") == dest.name for t in _tables(doc, DESTINATIONS) or []):
-            raise AdminError(f"destination {dest.name!r} already exists; remove it first to change it")
-        values: dict[str, Any] = {"name": dest.name, "ae_title": dest.ae_title, "host": dest.host, "port": dest.port}
-        if dest.tls:
-            values["tls"] = True
-        if dest.objects != config.RESULT_OBJECTS:
-            values["objects"] = list(dest.objects)
+        nonlocal label
+        if any(t.get("name") == args.name for t in _tables(doc, DESTINATIONS) or []):
+            raise AdminError(f"destination {args.name!r} already exists; remove it first to change it")
         _append_table(doc, DESTINATIONS, values)
-        return f"added destination {_dest_label(dest)}"
+        label = _dest_label(config.parse_text(tomlkit.dumps(doc)).destination(args.name))  # type: ignore[arg-type]
+        return f"added destination {label}"
 
     path, _ = edit_config(args.config, change)
-    print(f"Added destination {_dest_label(dest)} to {path}.")
+    print(f"Added destination {label} to {path}.")
+    cfg = config.load(path)
+    if cfg.declared_pipelines:
+        print(f"No pipeline sends to it yet: `ainode pipeline add AE ... --dest {args.name}` or edit [[pipelines]].")
     print(RELOAD_HINT)
     return EXIT_OK
 
@@ -361,11 +395,137 @@ def cmd_dest_remove(args: argparse.Namespace) -> int:
         hits = [i for i, t in enumerate(tables) if t.get("name") == args.name]
         if not hits:
             raise AdminError(f"no destination {args.name!r}; see `ainode dest list`")
+        users = [str(t.get("ae_title")) for t in _tables(doc, PIPELINES) or [] if args.name in t.get("destinations", [])]
+        if users:
+            raise AdminError(f"destination {args.name!r} is used by pipeline {', '.join(users)}: take it out of "
+                             "their destinations first")
         _remove_tables(doc, DESTINATIONS, hits)
         return f"removed destination {args.name}"
 
     path, _ = edit_config(args.config, change)
     print(f"Removed destination {args.name} from {path}.")
+    print(RELOAD_HINT)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------
+# pipeline
+
+
+def _pipeline_words(cfg: config.Config, pl: config.Pipeline) -> str:
+    if pl.forwards:
+        what = "store and forward"
+    else:
+        threshold = cfg.threshold(pl)
+        model = cfg.model_path(pl) or "bundled model"
+        what = f"analyse with {model}, threshold {'the card' + chr(39) + 's' if threshold is None else f'{threshold:g}'}"
+    callers = ", ".join(pl.callers) if pl.callers else "every allowed caller"
+    return (f"{pl.name}: {what}; series {pl.series}; quiet {cfg.quiet_seconds(pl):g} s; from {callers}; "
+            f"to {', '.join(pl.destinations) or 'nowhere'}")
+
+
+def cmd_pipeline_list(args: argparse.Namespace) -> int:
+    """Print the pipelines, one line each."""
+    cfg = config.load(args.config)
+    if not cfg.declared_pipelines:
+        print(f"One pipeline, from [node] ae_title, [model], [series] and every destination "
+              f"({cfg.source or 'built-in defaults'}):")
+    for pl in cfg.pipelines:
+        print(f"  {_pipeline_words(cfg, pl)}")
+    return EXIT_OK
+
+
+def cmd_pipeline_show(args: argparse.Namespace) -> int:
+    """Print one pipeline with everything it uses, resolved (the model's card, the series rules, the destinations)."""
+    cfg = config.load(args.config)
+    pl = cfg.pipeline(args.ae_title) if args.ae_title.strip() else None
+    if pl is None:
+        raise AdminError(f"no pipeline {args.ae_title.strip()!r}; see `ainode pipeline list`")
+    print(f"pipeline {pl.name}{'' if cfg.declared_pipelines else ' (from [node] ae_title: no [[pipelines]])'}")
+    print(f"  called AE title: {pl.name}")
+    print(f"  callers:         {', '.join(pl.callers) if pl.callers else 'every allowed caller'}")
+    if pl.forwards:
+        print("  model:           none: store and forward (the instances go on as received)")
+    else:
+        print(f"  model:           {_model_summary(cfg, pl)}")
+        threshold = cfg.threshold(pl)
+        print(f"  threshold:       {'the model card' + chr(39) + 's' if threshold is None else f'{threshold:g}'}")
+    rules = cfg.rules(pl)
+    print(f"  series:          {pl.series}: {', '.join(f'{k}={v}' for k, v in rules.__dict__.items())}")
+    print(f"  quiet period:    {cfg.quiet_seconds(pl):g} s (at most {cfg.completion.max_wait_seconds:g} s)")
+    for name in pl.destinations or ("(none: results are kept here only)",):
+        d = cfg.destination(name)
+        print(f"  destination:     {_dest_label(d) if d else name}")
+    return EXIT_OK
+
+
+def cmd_pipeline_add(args: argparse.Namespace) -> int:
+    """Add a ``[[pipelines]]`` entry. The first one added also writes out the implicit
+    ``[node] ae_title`` pipeline, so what reached the node before still does."""
+    _check("AE title", config.ae_title_problem(args.ae_title))
+    values: dict[str, Any] = {"ae_title": args.ae_title.strip()}
+    for key, arg in (("callers", args.callers), ("destinations", args.dest)):
+        if arg:
+            values[key] = [v.strip() for v in arg.split(",") if v.strip()]
+    if args.model:
+        values["model"] = args.model
+    if args.threshold:
+        try:
+            values["threshold"] = float(args.threshold)
+        except ValueError:
+            raise AdminError(f"--threshold: must be a number between 0 and 1, got {args.threshold!r}") from None
+    if args.series:
+        values["series"] = args.series
+    if args.quiet:
+        try:
+            values["quiet_seconds"] = float(args.quiet)
+        except ValueError:
+            raise AdminError(f"--quiet: must be a number of seconds, got {args.quiet!r}") from None
+    kept: list[str] = []
+
+    def change(doc: TOMLDocument) -> str:
+        before = config.parse_text(tomlkit.dumps(doc))
+        if before.pipeline(values["ae_title"]) is not None and before.declared_pipelines:
+            raise AdminError(f"pipeline {values['ae_title']!r} already exists; remove it first to change it")
+        if not before.declared_pipelines:
+            implicit = before.pipelines[0]
+            if implicit.name == values["ae_title"]:
+                raise AdminError(f"{implicit.name!r} is already the node's pipeline ([node] ae_title)")
+            first: dict[str, Any] = {"ae_title": implicit.name}
+            if implicit.destinations:
+                first["destinations"] = list(implicit.destinations)
+            _append_table(doc, PIPELINES, first)
+            kept.append(implicit.name)
+        _append_table(doc, PIPELINES, values)
+        return f"added pipeline {values['ae_title']}"
+
+    path, _ = edit_config(args.config, change)
+    if kept:
+        print(f"Wrote the node's pipeline {kept[0]} ([node] ae_title, every destination) as [[pipelines]] too, "
+              "so it keeps working.")
+    cfg = config.load(path)
+    print(f"Added pipeline {_pipeline_words(cfg, cfg.pipeline(values['ae_title']))} to {path}.")  # type: ignore[arg-type]
+    print(RELOAD_HINT)
+    return EXIT_OK
+
+
+def cmd_pipeline_remove(args: argparse.Namespace) -> int:
+    """Remove the ``[[pipelines]]`` entry of that called AE title; never the last one."""
+    name = args.ae_title.strip()
+
+    def change(doc: TOMLDocument) -> str:
+        tables = list(_tables(doc, PIPELINES) or [])
+        hits = [i for i, t in enumerate(tables) if str(t.get("ae_title", "")).strip() == name]
+        if not hits:
+            raise AdminError(f"no pipeline {name!r} in [[pipelines]]; see `ainode pipeline list`")
+        if len(tables) == 1:
+            raise AdminError(f"{name!r} is the only pipeline: a node needs one (change it, or add another first)")
+        _remove_tables(doc, PIPELINES, hits)
+        return f"removed pipeline {name}"
+
+    path, _ = edit_config(args.config, change)
+    print(f"Removed pipeline {name} from {path}: its called AE title is refused from the next reload on; "
+          "studies it received keep their results.")
     print(RELOAD_HINT)
     return EXIT_OK
 
@@ -485,12 +645,12 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     """Load and validate the config; print a short summary."""
     cfg = config.load(args.config)
     n = cfg.node
-    model = _model_summary(cfg)  # what serve will need, checked now rather than at 3 a.m.
+    models = {pl.name: _model_summary(cfg, pl) for pl in cfg.pipelines if not pl.forwards}  # checked now, not at 3 a.m.
     problems = [p for p in (_storage_problem(n.storage), _redis_problem(cfg.redis.url)) if p]
     if problems:
         raise ConfigError("; ".join(problems))
     print(f"OK: {cfg.source or 'built-in defaults (no config file)'}")
-    print(f"  AE title:     {n.ae_title}")
+    print(f"  AE title:     {n.ae_title}{'' if cfg.declared_pipelines else ' (the one pipeline)'}")
     listen = f"{n.host}:{n.port}" if n.port else "plain port off ([node] port = 0)"
     if cfg.tls.enabled:
         listen += f", TLS on {n.host}:{cfg.tls.port}"
@@ -505,7 +665,15 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         print(f"  {line}")
     audit = f"{cfg.audit_path}" + (f", syslog {cfg.audit.syslog}" if cfg.audit.syslog else "")
     print(f"  audit:        {audit}")
-    print(f"  model:        {model}")
+    if cfg.declared_pipelines:
+        for pl in cfg.pipelines:
+            print(f"  pipeline:     {_pipeline_words(cfg, pl)}")
+            if not pl.forwards:
+                print(f"                model {models[pl.name]}")
+    else:
+        print(f"  model:        {models[cfg.pipelines[0].name]}")
+        print("  pipelines:    one, from [node] ae_title, [model], [series] and every destination; for more "
+              "called AE titles, `ainode pipeline add AE --dest NAME,...` (it writes this one as [[pipelines]] too)")
     w = cfg.web
     web = f"{'https' if w.tls else 'http'}://{w.host}:{w.port} (/healthz, /readyz, /metrics)" if w.enabled else "off"
     print(f"  web:          {web}")
@@ -515,20 +683,23 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _model_summary(cfg: config.Config) -> str:
-    """The model serve's workers will load, checked as they check it (file, card, hash); ConfigError if unusable."""
+def _model_summary(cfg: config.Config, pipeline: config.Pipeline | None = None) -> str:
+    """The model a pipeline's workers will load, checked as they check it (file, card, hash); ConfigError
+    if unusable."""
     from node.errors import ModelError
     from node.model_card import ModelCard, resolve_model_path
     from node.preprocessing import PREPROCESSING_VERSION
 
+    pipeline = pipeline or cfg.pipelines[0]
+    where = "[model] path" if not pipeline.model else f"[[pipelines]] {pipeline.name} model"
     try:
-        path = resolve_model_path(cfg.model.path)
+        path = resolve_model_path(cfg.model_path(pipeline))
         card = ModelCard.read(path)
         card.check(path, PREPROCESSING_VERSION)
     except ModelError as exc:
         text = str(exc)
-        raise ConfigError(text if text.startswith("[model]") else f"[model] path: {text}") from None
-    return f"{card.name} {card.version} ({'bundled' if not cfg.model.path else path})"
+        raise ConfigError(text if text.startswith("[model]") else f"{where}: {text}") from None
+    return f"{card.name} {card.version} ({'bundled' if not cfg.model_path(pipeline) else path})"
 
 
 def _storage_problem(storage: Path) -> str | None:
@@ -685,7 +856,7 @@ def cmd_user_list(args: argparse.Namespace) -> int:
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register `ae`, `dest`, `config` and `user` sub-commands; each sets args.func(args) -> int."""
+    """Register `ae`, `dest`, `pipeline`, `config` and `user` sub-commands; each sets args.func(args) -> int."""
     user = subparsers.add_parser("user", help="who may log in to the web page")
     user_sub = user.add_subparsers(dest="user_command", metavar="{add,remove,list}", required=True)
     p = user_sub.add_parser("add", help="add a user (or set a new password); the password is asked for")
@@ -714,12 +885,19 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     dest_sub = dest.add_subparsers(dest="dest_command", metavar="{list,add,remove,echo}", required=True)
     p = dest_sub.add_parser("list", help="list the destinations")
     p.set_defaults(func=_guarded(cmd_dest_list))
-    p = dest_sub.add_parser("add", help="add a destination")
+    p = dest_sub.add_parser("add", help="add a destination (a C-STORE SCP, a DICOMweb archive or an HL7 listener)")
     p.add_argument("name", metavar="NAME", help="1-64 letters, digits, '_', '.' or '-'")
-    p.add_argument("--ae", required=True, metavar="AE", help="the destination's AE title")
-    p.add_argument("--host", required=True, metavar="H", help="its IP address or host name")
-    p.add_argument("--port", required=True, metavar="P", help="its TCP port")
-    p.add_argument("--tls", action="store_true", help="send over DICOM TLS (with the [tls] cert, key and CA)")
+    p.add_argument("--kind", choices=config.DESTINATION_KINDS, default="dicom",
+                   help="dicom: C-STORE (default); dicomweb: STOW-RS to --url; hl7: ORU^R01 over MLLP")
+    p.add_argument("--ae", metavar="AE", help="dicom: the destination's AE title")
+    p.add_argument("--host", metavar="H", help="dicom, hl7: its IP address or host name")
+    p.add_argument("--port", metavar="P", help="dicom, hl7: its TCP port")
+    p.add_argument("--tls", action="store_true", help="dicom, hl7: send over TLS (with the [tls] cert, key and CA)")
+    p.add_argument("--url", metavar="URL", help="dicomweb: the base URL (…/dicom-web)")
+    p.add_argument("--auth-file", metavar="F", help="dicomweb: a file holding a bearer token, or user:password")
+    p.add_argument("--ca", metavar="F", help="dicomweb: CA certificates trusted for its HTTPS (default: the system's)")
+    p.add_argument("--application", metavar="A", help="hl7: the receiving application (MSH-5)")
+    p.add_argument("--facility", metavar="F", help="hl7: the receiving facility (MSH-6)")
     p.add_argument("--objects", metavar="LIST", default="",
                    help="which result objects it gets: sr,sc,ko (SR, summary image, key objects; default all)")
     p.set_defaults(func=_guarded(cmd_dest_add))
@@ -731,6 +909,26 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", default=str(DEFAULT_ECHO_TIMEOUT), metavar="S",
                    help=f"seconds allowed for each network step (default {DEFAULT_ECHO_TIMEOUT:g})")
     p.set_defaults(func=_guarded(cmd_dest_echo))
+
+    pipe = subparsers.add_parser("pipeline", help="called AE titles, each with its model, threshold and destinations")
+    pipe_sub = pipe.add_subparsers(dest="pipeline_command", metavar="{list,show,add,remove}", required=True)
+    p = pipe_sub.add_parser("list", help="list the pipelines")
+    p.set_defaults(func=_guarded(cmd_pipeline_list))
+    p = pipe_sub.add_parser("show", help="one pipeline, with its model, series rules and destinations")
+    p.add_argument("ae_title", metavar="AE")
+    p.set_defaults(func=_guarded(cmd_pipeline_show))
+    p = pipe_sub.add_parser("add", help="add a pipeline (a called AE title of its own)")
+    p.add_argument("ae_title", metavar="AE", help="the called AE title scanners use for it")
+    p.add_argument("--callers", metavar="LIST", help="calling AE titles that may use it (default: every allowed caller)")
+    p.add_argument("--model", metavar="PATH", help="its model (default: [model] path); none: store and forward")
+    p.add_argument("--threshold", metavar="T", help="its threshold, 0-1 (default: [model] threshold, else the card's)")
+    p.add_argument("--series", metavar="NAME", help="a [series.NAME] rule set (default: [series])")
+    p.add_argument("--dest", metavar="LIST", help="destination names, comma-separated")
+    p.add_argument("--quiet", metavar="S", help="its quiet period (default: [completion] quiet_seconds)")
+    p.set_defaults(func=_guarded(cmd_pipeline_add))
+    p = pipe_sub.add_parser("remove", help="remove a pipeline")
+    p.add_argument("ae_title", metavar="AE")
+    p.set_defaults(func=_guarded(cmd_pipeline_remove))
 
     cfg = subparsers.add_parser("config", help="the configuration file")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="{check}", required=True)

@@ -44,6 +44,9 @@ def setup_logging(level: str) -> None:
     for handler in logging.getLogger().handlers:
         handler.addFilter(EscapeControl())
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
+    # dicomweb-client's retry library logs a traceback for every failed STOW-RS, though the send job
+    # retries on its own and logs that in one line (node.send)
+    logging.getLogger("retrying").setLevel(logging.ERROR)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -158,7 +161,8 @@ def _results_show(args: argparse.Namespace) -> int:
         print(f"ainode: error: no study {uid} in {cfg.node.storage}", file=sys.stderr)
         return 2
     st = study_state(storage, cfg, redis_for(cfg), uid)
-    print(f"study {uid}: {st.state}, revision {st.revision}, {st.instances} instances, pipeline {st.pipeline}")
+    via = f", pipeline {st.pipeline}" if cfg.declared_pipelines else ""
+    print(f"study {uid}: {st.state}, revision {st.revision}, {st.instances} instances{via}")
     print(f"  {st.detail}")
     for at, what in timeline(storage, cfg.audit_path, uid):
         print(f"  {local_time(at, seconds=True)}  {what}")

@@ -259,7 +259,7 @@ class AinodeWorker(SimpleWorker):
 
 
 #: Job failures that the job itself has logged in one line (a PACS down): rq need not add a traceback.
-EXPECTED_FAILURES = ("node.send.SendError",)
+EXPECTED_FAILURES = ("node.send.delivery.SendError",)
 
 
 class _QuietExpectedFailures(logging.Filter):

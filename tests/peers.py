@@ -471,7 +471,8 @@ class DicomWebOrthanc(Orthanc):
             return False
 
     def __enter__(self) -> "DicomWebOrthanc":
-        return self.start()
+        self.start()
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -24,7 +24,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from node.config import Destination
 from node.send import dicomweb
@@ -72,7 +72,7 @@ def text_sr(ct: Dataset) -> Dataset:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = COMPREHENSIVE_SR
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = UID(COMPREHENSIVE_SR)
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
     for key in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
                 "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName"):
@@ -125,7 +125,7 @@ def test_ct_and_sr_arrive_in_their_study_with_basic_auth(pacs: DicomWebOrthanc, 
 
 @pytest.mark.parametrize("name", ["693_J2KI.dcm", "SC_rgb_jpeg_dcmtk.dcm", "MR_small_jpeg_ls_lossless.dcm"])
 def test_encapsulated_pixel_data_arrives_unchanged(pacs: DicomWebOrthanc, tmp_path: Path, name: str) -> None:
-    source = Path(get_testdata_file(name))
+    source = Path(str(get_testdata_file(name)))
     original = pydicom.dcmread(source)
     assert original.file_meta.TransferSyntaxUID.is_compressed
     auth = secret_file(tmp_path / "auth", f"ainode:{PASSWORD}")
@@ -289,7 +289,7 @@ def scripted(status: int, body: bytes = b"", headers: dict[str, str] | None = No
         thread.join(5)
 
 
-def stow_answer(stored: dict[str, int | None] = {}, failed: dict[str, int] = {}) -> bytes:
+def stow_answer(stored: dict[str, int | None], failed: dict[str, int] | None = None) -> bytes:
     """A STOW-RS response dataset as DICOM JSON: stored UID -> WarningReason (None: none), failed UID -> reason."""
     answer = Dataset()
     answer.ReferencedSOPSequence = DicomSequence()
@@ -300,7 +300,7 @@ def stow_answer(stored: dict[str, int | None] = {}, failed: dict[str, int] = {})
             item.WarningReason = warning
         answer.ReferencedSOPSequence.append(item)
     answer.FailedSOPSequence = DicomSequence()
-    for uid, reason in failed.items():
+    for uid, reason in (failed or {}).items():
         item = Dataset()
         item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", uid
         item.FailureReason = reason
@@ -339,6 +339,9 @@ def test_warnings_become_statuses_and_unacknowledged_instances_fail(tmp_path: Pa
     json_type = {"Content-Type": "application/dicom+json"}
     with scripted(202, stow_answer(stored={first: 0xB007, second: None}), json_type) as server:
         assert stow(files, destination(server.url), timeout=5).statuses == (0xB007, 0)
+    with scripted(202, stow_answer(stored={first: None}, failed={second: 0xA700}), json_type) as server:
+        with pytest.raises(SendError, match=rf"202 Accepted; 1 of 2 failed: {second} \(0xA700 out of resources\)$"):
+            stow(files, destination(server.url), timeout=5)
     with scripted(200, stow_answer(stored={first: None}), json_type) as server:
         with pytest.raises(SendError, match=f"1 of 2 not in the answer: {second}$"):
             stow(files, destination(server.url), timeout=5)

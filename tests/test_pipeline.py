@@ -107,7 +107,7 @@ def test_lung1_to_orthanc_sr_in_same_study(nodes, pacs, lung1_series, test_model
     assert lines[0] == f"study {study}: sent, revision 1, 48 instances"
     story = "\n".join(lines[2:])
     for step in ("48 instance(s) stored from STORESCU", "r1 complete (quiet), 48 instances queued",
-                 "r1 analysis started", "r1 analysed, 3 object(s) made"):
+                 "r1 analysis started (pipeline AINODE)", "r1 analysed (pipeline AINODE), 3 object(s) made"):
         assert step in story, (step, show)
     assert story.index("stored from") < story.index("complete (quiet)") < story.index("analysis started")
     assert "sent" in lines[-1]  # the delivery, last

@@ -65,6 +65,9 @@ def c_store(
         rsp = assoc.acceptor.primitive
         reason = getattr(rsp, "reason_str", None) or f"result 0x{getattr(rsp, 'result', 0):02X}"
         raise SendError(f"{where}: association rejected: {reason}")
+    if not assoc.is_established and assoc.acceptor.primitive is not None and assoc.rejected_contexts:
+        raise SendError(f"{where}: the peer accepts none of the presentation contexts proposed: "
+                        + _rejections(assoc.requestor.requested_contexts, assoc.rejected_contexts))
     if not assoc.is_established:
         if tls_args is not None and assoc.acceptor.primitive is None:
             from node.tls import handshake_problem
@@ -80,6 +83,22 @@ def c_store(
         if assoc.is_established:
             assoc.release()
     return Delivery(codes[-1], time.monotonic() - started, tuple(codes))
+
+
+#: Presentation context results (PS3.8 Table 9-18) other than acceptance.
+_REFUSALS = {1: "user rejection", 2: "no reason", 3: "abstract syntax not supported",
+             4: "transfer syntaxes not supported"}
+
+
+def _rejections(requested: Sequence[Any], rejected: Sequence[Any]) -> str:
+    """Each refused context in words: its SOP class, the transfer syntaxes we offered, why."""
+    offered = {c.context_id: c for c in requested}
+    words = []
+    for c in rejected:
+        mine = offered.get(c.context_id, c)
+        syntaxes = ", ".join(str(ts) for ts in mine.transfer_syntax)
+        words.append(f"{mine.abstract_syntax} in {syntaxes} ({_REFUSALS.get(c.result, f'result {c.result}')})")
+    return "; ".join(words)
 
 
 def _meta(path: Path) -> tuple[str, str]:

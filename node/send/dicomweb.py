@@ -191,8 +191,8 @@ class _StowSession(requests.Session):
         self.verify = verify
         self.last: requests.Response | None = None
 
-    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
-        pass
+    def request(self, method: str, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("verify", self.verify)
         if kwargs.get("headers"):
             kwargs["headers"] = {k: v for k, v in kwargs["headers"].items() if k.lower() != "host"}
         self.last = None
