@@ -606,8 +606,42 @@ def _connect_problem(dest: Destination, timeout: float, tls_args: Any = None) ->
         return f"cannot connect to {dest.host}:{dest.port}: {exc.strerror or exc}"
 
 
+def _probe_dicomweb(calling_ae: str, dest: Destination, timeout: float, tls: TLSConfig | None = None) -> EchoResult:
+    from node.send.dicomweb import probe
+
+    started = time.monotonic()
+    ok, detail = probe(dest, timeout)
+    return EchoResult(ok, detail, int((time.monotonic() - started) * 1000))
+
+
+def _probe_hl7(calling_ae: str, dest: Destination, timeout: float, tls: TLSConfig | None = None) -> EchoResult:
+    """An MLLP listener has no echo: connect (and shake hands over TLS), send nothing."""
+    started = time.monotonic()
+    tls_args = None
+    if dest.tls:
+        from node.tls import tls_args as make_tls_args
+
+        tls_args = make_tls_args(tls or TLSConfig(), dest.host)
+        from node.tls import handshake_problem
+
+        problem = handshake_problem(dest.host, dest.port, tls_args, timeout)
+    else:
+        try:
+            with socket.create_connection((dest.host, dest.port), timeout=timeout):
+                problem = None
+        except socket.timeout:
+            problem = f"cannot connect to {dest.host}:{dest.port}: timed out after {timeout:g} s"
+        except OSError as exc:
+            problem = f"cannot connect to {dest.host}:{dest.port}: {exc.strerror or exc}"
+    elapsed = int((time.monotonic() - started) * 1000)
+    if problem is not None:
+        return EchoResult(False, problem, elapsed)
+    return EchoResult(True, f"connected{' over TLS' if dest.tls else ''} (no message sent: HL7 has no echo)", elapsed)
+
+
 def cmd_dest_echo(args: argparse.Namespace) -> int:
-    """C-ECHO a destination from our own AE title; exit 1 when the echo fails."""
+    """C-ECHO a destination from our own AE title (a DICOMweb one: a QIDO-RS search; an HL7 one: a
+    connection); exit 1 when it fails."""
     try:
         timeout = float(args.timeout)
     except ValueError:
@@ -618,7 +652,8 @@ def cmd_dest_echo(args: argparse.Namespace) -> int:
     dest = cfg.destination(args.name)
     if dest is None:
         raise AdminError(f"no destination {args.name!r}; see `ainode dest list`")
-    result = echo(cfg.node.ae_title, dest, timeout, cfg.tls)
+    result = {"dicom": echo, "dicomweb": _probe_dicomweb, "hl7": _probe_hl7}[dest.kind](
+        cfg.node.ae_title, dest, timeout, cfg.tls)
     if result.ok:
         print(f"{_dest_label(dest)}: {result.detail} in {result.elapsed_ms} ms")
         return EXIT_OK
@@ -904,7 +939,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = dest_sub.add_parser("remove", help="remove a destination")
     p.add_argument("name", metavar="NAME")
     p.set_defaults(func=_guarded(cmd_dest_remove))
-    p = dest_sub.add_parser("echo", help="C-ECHO a destination from this node's AE title")
+    p = dest_sub.add_parser("echo", help="C-ECHO a destination from this node's AE title "
+                                         "(DICOMweb: a QIDO-RS search; HL7: a connection)")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--timeout", default=str(DEFAULT_ECHO_TIMEOUT), metavar="S",
                    help=f"seconds allowed for each network step (default {DEFAULT_ECHO_TIMEOUT:g})")

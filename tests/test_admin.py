@@ -414,3 +414,59 @@ def test_dest_echo_unresolvable_host(capsys, cfg_file):
     rc, out, err = run(capsys, *cfg, "dest", "echo", "nx", "--timeout", "2")
     assert rc == 1 and out == "" and len(err.splitlines()) == 1
     assert "cannot connect to no-such-host.invalid" in err
+
+
+# ---------------------------------------------------------------- pipelines and destination kinds
+
+
+def test_first_pipeline_added_keeps_the_node_ae_title_one(capsys, cfg_file):
+    cfg = ["--config", str(cfg_file)]
+    assert run(capsys, *cfg, "dest", "add", "pacs", "--ae", "PACS", "--host", "10.0.0.5", "--port", "104")[0] == 0
+    assert run(capsys, *cfg, "dest", "add", "ris", "--kind", "hl7", "--host", "10.0.0.7", "--port", "2575",
+               "--application", "RIS")[0] == 0
+    rc, out, _ = run(capsys, *cfg, "pipeline", "list")
+    assert rc == 0 and "One pipeline, from [node] ae_title" in out and "AINODE: analyse with bundled model" in out
+    rc, out, _ = run(capsys, *cfg, "pipeline", "add", "RESEARCH", "--model", "none", "--dest", "pacs", "--quiet", "5")
+    assert rc == 0 and "Wrote the node's pipeline AINODE" in out
+    loaded = config.load(cfg_file)
+    assert [p.name for p in loaded.pipelines] == ["AINODE", "RESEARCH"]
+    assert loaded.pipelines[0].destinations == ("pacs", "ris")  # what reached the node before still does
+    assert loaded.pipeline("RESEARCH").forwards and loaded.quiet_seconds(loaded.pipeline("RESEARCH")) == 5.0
+    rc, out, _ = run(capsys, *cfg, "pipeline", "show", "AINODE")
+    assert rc == 0 and "model:           ainode-lung-ct" in out and "destination:     ris (HL7 10.0.0.7:2575)" in out
+    rc, out, _ = run(capsys, *cfg, "dest", "list")
+    assert "ris   (HL7 10.0.0.7:2575)  gets ORU^R01 naming the SR  pipelines: AINODE" in out
+    rc, _, err = run(capsys, *cfg, "dest", "remove", "pacs")
+    assert rc == 2 and "used by pipeline AINODE, RESEARCH" in err
+    assert run(capsys, *cfg, "pipeline", "remove", "RESEARCH")[0] == 0
+    rc, _, err = run(capsys, *cfg, "pipeline", "remove", "AINODE")
+    assert rc == 2 and "is the only pipeline" in err
+    rc, out, _ = run(capsys, *cfg, "config", "check")
+    assert rc == 0 and "pipeline:     AINODE: analyse" in out
+
+
+@pytest.mark.parametrize("argv, reason", [
+    (["pipeline", "add", "X", "--dest", "nope"], "'nope' is not a [[destinations]] name"),
+    (["pipeline", "add", "ABCDEFGHIJKLMNOPQ"], "must be 1 to 16 characters"),
+    (["pipeline", "add", "X", "--threshold", "high"], "--threshold: must be a number"),
+    (["pipeline", "add", "AINODE"], "is already the node's pipeline"),
+    (["pipeline", "show", "NOPE"], "no pipeline 'NOPE'"),
+    (["pipeline", "remove", "NOPE"], "no pipeline 'NOPE' in [[pipelines]]"),
+    (["dest", "add", "w", "--kind", "dicomweb"], "--url: is required for --kind dicomweb"),
+    (["dest", "add", "w", "--kind", "dicomweb", "--url", "https://x/dw", "--ae", "X"], "--ae: does not apply"),
+    (["dest", "add", "w", "--kind", "dicomweb", "--url", "https://u:p@x/dw"], "must not hold credentials"),
+    (["dest", "add", "h", "--kind", "hl7", "--host", "10.0.0.7"], "--port: is required for --kind hl7"),
+])
+def test_pipeline_and_kind_mistakes_exit_2_and_leave_the_file(capsys, cfg_file, argv, reason):
+    before = cfg_file.read_text()
+    rc, _, err = run(capsys, "--config", str(cfg_file), *argv)
+    assert rc == 2 and reason in err and err.count("\n") == 1, err
+    assert cfg_file.read_text() == before
+
+
+def test_a_dicomweb_destination_is_written_with_its_auth_file(capsys, cfg_file, tmp_path):
+    rc, out, _ = run(capsys, "--config", str(cfg_file), "dest", "add", "archive", "--kind", "dicomweb", "--url",
+                     "https://archive.example.org/dicom-web", "--auth-file", str(tmp_path / "token"))
+    assert rc == 0 and "DICOMweb https://archive.example.org/dicom-web, token from" in out
+    dest = config.load(cfg_file).destination("archive")
+    assert (dest.kind, dest.auth_file) == ("dicomweb", str(tmp_path / "token"))

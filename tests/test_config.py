@@ -98,3 +98,92 @@ def test_caller_host_binding():
     assert c.admits("CT01", "10.0.0.21") and c.admits("CT01  ", "10.0.0.21")
     assert not c.admits("CT01", "10.0.0.22") and not c.admits("CT02", "10.0.0.21")
     assert config.Caller("CT01").admits("CT01", "192.0.2.1")
+
+
+# --------------------------------------------------------------------------- pipelines and destination kinds
+
+DESTS = '''
+[[callers]]
+ae_title = "CT01"
+[[destinations]]
+name = "pacs"
+ae_title = "PACS"
+host = "10.0.0.5"
+port = 104
+[[destinations]]
+name = "archive"
+kind = "dicomweb"
+url = "https://archive.example.org/dicom-web/"
+auth_file = "archive.token"
+[[destinations]]
+name = "ris"
+kind = "hl7"
+host = "10.0.0.7"
+port = 2575
+'''
+
+
+def test_without_pipelines_node_ae_title_is_the_one_pipeline_to_every_destination():
+    cfg = config.parse_text('[node]\nae_title = "OLD"\n' + DESTS)
+    (only,) = cfg.pipelines
+    assert not cfg.declared_pipelines
+    assert (only.name, only.destinations, only.model, only.series) == ("OLD", ("pacs", "archive", "ris"), "", "default")
+    assert cfg.pipeline("") == only and cfg.pipeline("OLD ") == only and cfg.pipeline("OTHER") is None
+    assert cfg.quiet_seconds(only) == cfg.completion.quiet_seconds and cfg.threshold(only) is None
+
+
+def test_pipelines_resolve_their_model_threshold_series_and_destinations(tmp_path):
+    cfg = config.parse_text(
+        '[model]\nthreshold = 0.6\n[series.thin]\nmax_slice_thickness_mm = 2.5\n' + DESTS
+        + '[[pipelines]]\nae_title = "AI_LUNG"\ncallers = ["CT01"]\ndestinations = ["pacs", "ris"]\nquiet_seconds = 5\n'
+        + '[[pipelines]]\nae_title = "RESEARCH"\nmodel = "models/r.onnx"\nthreshold = 0.3\nseries = "thin"\n'
+        + 'destinations = ["archive"]\n'
+        + '[[pipelines]]\nae_title = "FWD"\nmodel = "none"\ndestinations = ["pacs", "archive"]\n',
+        base=tmp_path)
+    lung, research, fwd = cfg.pipelines
+    assert cfg.declared_pipelines and cfg.pipeline("RESEARCH") is research
+    assert (cfg.threshold(lung), cfg.threshold(research)) == (0.6, 0.3)
+    assert (cfg.quiet_seconds(lung), cfg.quiet_seconds(research)) == (5.0, 10.0)
+    assert cfg.model_path(research) == str(tmp_path / "models" / "r.onnx") and cfg.model_path(lung) == ""
+    assert cfg.rules(research).max_slice_thickness_mm == 2.5 and cfg.rules(lung).max_slice_thickness_mm == 5.0
+    assert [d.name for d in cfg.destinations_of(lung)] == ["pacs", "ris"] and fwd.forwards and not lung.forwards
+    assert lung.admits("CT01") and not lung.admits("CT02") and research.admits("ANY")
+    archive = cfg.destination("archive")
+    assert archive.url == "https://archive.example.org/dicom-web" and archive.auth_file == str(tmp_path / "archive.token")
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[[pipelines]]\nae_title = "A"\ndestinations = ["nope"]', "[[pipelines]] #1 destinations: 'nope' is not a [[destinations]] name"),
+    ('[[pipelines]]\nae_title = "A"\n[[pipelines]]\nae_title = "A "', "[[pipelines]] #2 ae_title: 'A' is listed twice"),
+    ('[[pipelines]]\nae_title = "A"\ncallers = ["CT09"]', "[[pipelines]] #1 callers: 'CT09' is not a [[callers]] ae_title"),
+    ('[[pipelines]]\nae_title = "A"\nseries = "thin"', "[[pipelines]] #1 series: 'thin' is not a rule set (known: default)"),
+    ('[[pipelines]]\nae_title = "A"\nthreshold = 2', "[[pipelines]] #1 threshold: must be between 0 and 1"),
+    ('[[pipelines]]\nae_title = "A"\nquiet_seconds = 4000', "[[pipelines]] #1 quiet_seconds: must be more than 0 and at most"),
+    ('[[pipelines]]\nae_title = "A"\nmodel = "none"\ndestinations = ["ris"]', "'ris' is an HL7 destination, which takes results only"),
+    ('[[pipelines]]\nname = "A"', "[[pipelines]] #1 ae_title: is required"),
+    ("pipelines = []", "[[pipelines]]: is empty"),
+    ('[series]\nmin_slices = 3\n[series.default]\nmin_slices = 4', "[series.default]: is given twice"),
+    ('[series.thin]\nmin_slices = 0', "[series.thin]: \"min_slices\" must be at least 1"),
+])
+def test_pipeline_errors_name_the_entry_and_key(text, message):
+    with pytest.raises(ConfigError) as err:
+        config.parse_text(text + "\n" + DESTS, "ainode.toml")
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ('kind = "smtp"\nhost = "h"\nport = 1', 'kind: must be one of dicom, dicomweb, hl7'),
+    ('kind = "dicomweb"', "url: is required for kind = 'dicomweb'"),
+    ('kind = "dicomweb"\nurl = "ftp://x/y"', "url: must be an http:// or https:// base URL"),
+    ('kind = "dicomweb"\nurl = "https://u:pw@x/dicom-web"', "url: must not hold credentials: put them in auth_file"),
+    ('kind = "dicomweb"\nurl = "https://x"\nhost = "h"', "host: does not apply to kind = 'dicomweb'"),
+    ('kind = "hl7"\nhost = "h"', "port: is required for kind = 'hl7'"),
+    ('kind = "hl7"\nhost = "h"\nport = 1\nae_title = "X"', "ae_title: does not apply to kind = 'hl7'"),
+    ('kind = "hl7"\nhost = "999.1.1.1"\nport = 1', "host: '999.1.1.1' is not a valid IPv4 address"),
+    ('ae_title = "P"\nhost = "h"\nport = 104\nurl = "https://x"', "url: does not apply to kind = 'dicom'"),
+    ('host = "h"\nport = 104', "ae_title: is required for kind = 'dicom'"),
+])
+def test_destination_kinds_check_their_own_keys(entry, message):
+    with pytest.raises(ConfigError) as err:
+        config.parse_text(f'[[destinations]]\nname = "d"\n{entry}\n', "ainode.toml")
+    assert f"ainode.toml: [[destinations]] #1 {message}" in str(err.value)

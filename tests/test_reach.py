@@ -4,7 +4,7 @@ One ainode with three pipelines, against real peers on 127.0.0.1:
 
 - ``AI_LUNG`` (callers CT01, CT02): analysed, results to a DCMTK ``storescp`` (the PACS) and to
   an HL7 listener (hl7apy's MLLPServer, the RIS);
-- ``AI_RESEARCH`` (caller RSRCH, its own threshold): analysed, results only to Orthanc by STOW-RS
+- ``AI_RESEARCH`` (caller RSRCH, its own model and threshold): analysed, results only to Orthanc by STOW-RS
   (its DICOMweb plugin, basic auth);
 - ``FORWARD`` (model "none"): store and forward to a second ``storescp``.
 """
@@ -84,6 +84,7 @@ threshold = 0.0
 [[pipelines]]
 ae_title = "AI_RESEARCH"
 callers = ["RSRCH"]
+model = "{research_model}"
 destinations = ["archive"]
 threshold = 1.0
 quiet_seconds = 1.5
@@ -97,7 +98,11 @@ destinations = ["fwd"]
 @pytest.fixture(scope="module")
 def site(test_model: Path) -> Iterator[dict[str, Any]]:
     """The peers and the node, for the whole module."""
+    from node.testmodel import build_test_model
+
     work = short_tmp("reach-")
+    research_model = work / "research-model.onnx"
+    build_test_model(research_model, size=64, context=1, seed=7, name="ainode-research-cnn")
     pacs, fwd = StoreSCP(work / "pacs", "PACS"), StoreSCP(work / "fwd", "FWD", accept_all=True)
     orthanc = DicomWebOrthanc(work / "orthanc", users={"ainode": "s3cret"}).start()
     token = work / "archive.auth"
@@ -115,7 +120,7 @@ def site(test_model: Path) -> Iterator[dict[str, Any]]:
             f'[[destinations]]\nname = "archive"\nkind = "dicomweb"\nurl = "{orthanc.dicomweb_url}"\n'
             f'auth_file = "{token}"\n'
             f'[[destinations]]\nname = "fwd"\nae_title = "FWD"\nhost = "127.0.0.1"\nport = {fwd.port}\n'
-            + PIPELINES
+            + PIPELINES.replace("{research_model}", str(research_model))
         )
         (work / "node").mkdir()
         node = NodeProcess(work / "node", quiet=1.0, workers=1, extra_config=extra)
@@ -169,6 +174,8 @@ def test_each_called_ae_title_runs_its_own_pipeline(site, lung1_series):
     wait_until(lambda: send_state(node, research_study, "archive").get("status") == "sent", 90, "the STOW-RS")
     research_outcome = outcome(node, research_study)
     assert research_outcome["pipeline"] == "AI_RESEARCH" and research_outcome["result"]["threshold"] == 1.0
+    models = {o["result"]["model"]["name"] for o in (lung_outcome, research_outcome)}
+    assert models == {"ainode-test-cnn", "ainode-research-cnn"}  # each pipeline ran its own model
     arrived = orthanc.instances_of_study(research_study)
     assert sorted(i["Modality"] for i in arrived) == ["KO", "OT", "SR"]
     assert orthanc.instances_of_study(lung_study) == []
@@ -300,3 +307,20 @@ def test_a_compressed_file_is_never_transcoded_for_a_peer_that_refuses_its_synta
         assert pydicom.dcmread(next((tmp_path / "scp").iterdir())).PixelData == pydicom.dcmread(ct).PixelData
     finally:
         scp.stop()
+
+
+def test_dest_echo_reaches_each_kind(site, capsys):
+    from node.cli import main
+
+    cfg = ["--config", str(site["node"].config)]
+    assert main([*cfg, "dest", "echo", "archive"]) == 0
+    assert "QIDO-RS answered 200" in capsys.readouterr().out
+    assert main([*cfg, "dest", "echo", "ris"]) == 0
+    assert "connected (no message sent" in capsys.readouterr().out
+    site["token"].write_text("ainode:not-it\n")
+    try:
+        assert main([*cfg, "dest", "echo", "archive"]) == 1
+    finally:
+        site["token"].write_text("ainode:s3cret\n")
+    err = capsys.readouterr().err
+    assert "401" in err and "not-it" not in err

@@ -104,6 +104,7 @@ def _session(nodes, test_model, lung1_series, pacs) -> None:
     assert viewer.login(*VIEWER)[0] == 200
     status, listing = viewer.request("/")
     assert status == 200 and study in listing and "DEMO^LUNG1" in listing
+    assert "STORESCU &rarr; AINODE" in listing  # who sent it, to which pipeline
     status, page = viewer.request(f"/studies/{study}")
     assert status == 200 and 'id="reanalyse"' not in page  # no buttons for a viewer
     token = viewer.csrf(f"/studies/{study}")  # the logout form's
@@ -129,6 +130,7 @@ def _session(nodes, test_model, lung1_series, pacs) -> None:
     assert run["ok"], run
     assert run["listed"] and run["revision_before"] == "revision 1" and run["message"] == "revision 2 queued"
     assert run["score"] and run["score"].endswith("%")
+    assert run["pipeline"] == "AINODE"
     assert all(Path(p).stat().st_size > 5000 for p in run["shots"])
     wait_until(lambda: len(pacs.instances_of_study(study, "SR")) == 2, 30, "the second SR at the PACS")
 

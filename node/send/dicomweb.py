@@ -98,6 +98,23 @@ def stow(paths: Sequence[Path], dest: Destination, timeout: float) -> Delivery:
     return Delivery(statuses[-1], seconds, tuple(statuses))
 
 
+def probe(dest: Destination, timeout: float) -> tuple[bool, str]:
+    """Whether the archive answers a QIDO-RS search (``GET <url>/studies?limit=1``) with these
+    credentials, and what happened in words (``ainode dest echo``); never the secret."""
+    problem, line = _read_auth_line(dest)
+    if problem is not None:
+        return False, problem
+    with _StowSession(dest.ca or True) as session:
+        session.auth = _auth(line)
+        try:
+            rsp = session.get(f"{dest.url}/studies", params={"limit": "1"}, timeout=(timeout, timeout),
+                              headers={"Accept": "application/dicom+json"})
+        except requests.RequestException as exc:
+            return False, f"QIDO-RS failed: {_connection_cause(exc, timeout)}"
+    ok = rsp.status_code in (200, 204)
+    return ok, f"QIDO-RS answered {_http_status(rsp)}"
+
+
 def batches(files: Sequence[Path], max_bytes: int, max_count: int) -> list[list[Path]]:
     """The files in order, grouped into runs of at most ``max_count`` files and ``max_bytes``
     bytes (a file larger than ``max_bytes`` is a run of its own)."""

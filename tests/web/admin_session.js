@@ -37,6 +37,7 @@ setTimeout(() => { result.error = result.error || 'watchdog: out of time'; done(
     await Promise.all([page.waitForNavigation({timeout: 20000}), page.click(link)]);
     result.score = await text('#score');
     result.revision_before = await text('#revision');
+    result.pipeline = await text('#pipeline');
     await shot('web-study');
     log('re-analyse');
     await Promise.all([page.waitForNavigation({timeout: 20000}), page.click('#reanalyse')]);
