@@ -181,7 +181,7 @@ class Completion:
             pipeline=self.storage.read_pipeline(study_uid),
         )
         self.storage.write_revision(rev)  # durable before the job exists: reconcile can requeue it
-        self.queue.enqueue(study_uid, number)
+        self.queue.enqueue(study_uid, number, rev.pipeline)
         metrics.STUDIES.labels(reason).inc()
         series = len(set(rev.instances.values()))
         logger.info(
@@ -215,7 +215,7 @@ class Completion:
                 pipe.execute()
                 armed += 1
             elif last and not self.storage.has_outcome(study_uid, last.revision):
-                if self.queue.enqueue(study_uid, last.revision):
+                if self.queue.enqueue(study_uid, last.revision, last.pipeline):
                     logger.warning("Study %s: revision %d had no job in Redis, queued again", study_uid, last.revision)
                     requeued += 1
         self.redis.set(KEY_EPOCH, f"{self.clock():.3f}")

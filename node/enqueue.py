@@ -54,11 +54,12 @@ class JobQueue:
         """True if the job of that revision is known to Redis (queued, running, done or failed)."""
         return Job.exists(job_id(study_uid, revision), connection=self.connection)
 
-    def enqueue(self, study_uid: str, revision: int) -> bool:
+    def enqueue(self, study_uid: str, revision: int, pipeline: str = "") -> bool:
         """Queue the analysis of one revision; False if that job already exists.
 
         The arguments are JSON-safe (a UID and an int); the worker reads the
-        revision's instance list from storage.
+        revision's instance list and pipeline from storage (``pipeline`` only
+        names it in the job's description).
         """
         jid = job_id(study_uid, revision)
         if Job.exists(jid, connection=self.connection):
@@ -71,6 +72,7 @@ class JobQueue:
             retry=RETRY,
             job_timeout=JOB_TIMEOUT_S,
             result_ttl=RESULT_TTL_S,
-            description=f"analyse study {study_uid} revision {revision}",
+            description=f"analyse study {study_uid} revision {revision}"
+                        + (f" in pipeline {pipeline}" if pipeline else ""),
         )
         return True

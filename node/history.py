@@ -256,7 +256,7 @@ def reanalyse(storage: Storage, redis: Redis, study_uid: str) -> Revision:
     number = last.revision + 1
     rev = Revision(study_uid, number, instances, time.time(), "reanalyse", job_id(study_uid, number), last.pipeline)
     storage.write_revision(rev)  # durable before the job exists, as completion does
-    JobQueue(redis).enqueue(study_uid, number)
+    JobQueue(redis).enqueue(study_uid, number, rev.pipeline)
     return rev
 
 

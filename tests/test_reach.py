@@ -242,6 +242,23 @@ def test_stow_with_wrong_credentials_is_retried_then_dead_then_resent(site, lung
     assert sorted(i["Modality"] for i in orthanc.instances_of_study(study)) == ["KO", "OT", "SR"]
 
 
+def test_stow_to_an_archive_that_is_down_is_retried_then_dead_then_resent(site, lung1_series):
+    node, orthanc = site["node"], site["orthanc"]
+    files = restudied(lung1_series[:12], site["work"] / "down", "ACC-DOWN")
+    study = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    orthanc.stop()
+    try:
+        assert storescu(files, node.port, called="AI_RESEARCH", calling="RSRCH").returncode == 0
+        wait_until(lambda: send_state(node, study, "archive").get("status") == "dead", 90, "the dead letter")
+    finally:
+        orthanc.start()  # same ports and database
+    dead = send_state(node, study, "archive")
+    assert dead["attempts"] >= 2 and "connection refused" in dead["last_error"]
+    resend(node, study, "archive")
+    wait_until(lambda: send_state(node, study, "archive").get("status") == "sent", 60, "the resend")
+    assert sorted(i["Modality"] for i in orthanc.instances_of_study(study)) == ["KO", "OT", "SR"]
+
+
 def test_an_hl7_refusal_is_recorded_retried_then_resent(site, lung1_series):
     node, answer, received = site["node"], site["ris_answer"], site["ris"]
     files = restudied(lung1_series[:12], site["work"] / "ar", "ACC-AR")

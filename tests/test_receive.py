@@ -231,7 +231,8 @@ def test_restart_requeues_study_received_before_stop(nodes, workdir, lung1_serie
     node.config.write_text(node.config.read_text().replace("quiet_seconds = 30.0", "quiet_seconds = 1.0"))
     node.start()
     wait_until(lambda: node.revisions(study), 15, "the study to complete after restart")
-    assert queued_jobs(node) == [job_id(study, 1)]
+    # the revision is durable before its job is queued (a crash between the two is reconciled): wait for both
+    wait_until(lambda: queued_jobs(node) == [job_id(study, 1)], 10, "its job in the queue")
 
 
 def test_redis_restarted_empty_loses_no_study(nodes, workdir, lung1_series):
