@@ -218,6 +218,13 @@ def _int_arg(what: str, text: str) -> int:
         raise AdminError(f"{what}: must be an integer, got {text!r}") from None
 
 
+def _float_arg(what: str, text: str, meaning: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise AdminError(f"{what}: must be {meaning}, got {text!r}") from None
+
+
 def _where(caller_host: str | None) -> str:
     return f"from {caller_host}" if caller_host else "from any host"
 
@@ -470,17 +477,11 @@ def cmd_pipeline_add(args: argparse.Namespace) -> int:
     if args.model:
         values["model"] = args.model
     if args.threshold:
-        try:
-            values["threshold"] = float(args.threshold)
-        except ValueError:
-            raise AdminError(f"--threshold: must be a number between 0 and 1, got {args.threshold!r}") from None
+        values["threshold"] = _float_arg("--threshold", args.threshold, "a number between 0 and 1")
     if args.series:
         values["series"] = args.series
     if args.quiet:
-        try:
-            values["quiet_seconds"] = float(args.quiet)
-        except ValueError:
-            raise AdminError(f"--quiet: must be a number of seconds, got {args.quiet!r}") from None
+        values["quiet_seconds"] = _float_arg("--quiet", args.quiet, "a number of seconds")
     kept: list[str] = []
 
     def change(doc: TOMLDocument) -> str:

@@ -484,21 +484,13 @@ class AuditTrail:
     def sr_sent(self, study_uid: str, revision: int, sr_uid: str | None, sop_class: str | None,
                 destination: str, dest_ae: str, dest_host: str, outcome: Outcome, description: str) -> None:
         """DICOM Instances Transferred, as the source (action R): an SR sent, retried or given up."""
-        self.record({
-            "event_id": EventID.INSTANCES_TRANSFERRED.to_json(),
-            "action": Action.READ.value, "outcome": int(outcome), "outcome_description": description,
-            "participants": [self._us(Role.SOURCE, requestor=True).to_json(),
-                             ae(dest_ae, requestor=False, role=Role.DESTINATION, address=dest_host).to_json()
-                             | {"destination": destination}],
-            "objects": [study(study_uid, sop_class=sop_class, instances=[sr_uid] if sr_uid else [],
-                              detail={"revision": revision})],
-        })
-
+        self.instances_sent(study_uid, revision, [(sr_uid, sop_class or "")] if sr_uid else [], destination,
+                            dest_ae, dest_host, outcome, description)
 
     def instances_sent(self, study_uid: str, revision: int, objects: Iterable[tuple[str, str]], destination: str,
                        dest_ae: str, dest_host: str, outcome: Outcome, description: str) -> None:
-        """DICOM Instances Transferred, as the source (action R): received instances forwarded (store and
-        forward), one event for the lot, one participant object per SOP class."""
+        """DICOM Instances Transferred, as the source (action R): result objects or received instances (store
+        and forward) sent, retried or given up; one event for the lot, one participant object per SOP class."""
         by_class: dict[str, list[str]] = {}
         for uid, sop_class in objects:
             by_class.setdefault(sop_class, []).append(uid)
@@ -509,7 +501,8 @@ class AuditTrail:
                              ae(dest_ae, requestor=False, role=Role.DESTINATION, address=dest_host).to_json()
                              | {"destination": destination}],
             "objects": [study(study_uid, sop_class=sop_class or None, instances=uids, detail={"revision": revision})
-                        for sop_class, uids in sorted(by_class.items())],
+                        for sop_class, uids in sorted(by_class.items())]
+                       or [study(study_uid, detail={"revision": revision})],
         })
 
 

@@ -13,10 +13,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from contextlib import closing
+from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 30.0
@@ -137,6 +138,20 @@ def store_series(storage: Any, files: Sequence[Path], revision: int) -> str:
     all_instances = {**(prior.instances if prior else {}), **instances}
     storage.write_revision(Revision(study, revision, all_instances, 0.0, "quiet", job_id(study, revision)))
     return study
+
+
+@contextmanager
+def serving(server: Any) -> Iterator[Any]:
+    """A socketserver-style server (http.server, hl7apy's MLLPServer) answering in a thread; shut down and
+    closed on exit."""
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
 
 
 def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:

@@ -12,7 +12,6 @@ import io
 import json
 import socket
 import subprocess
-import threading
 import time
 from contextlib import closing, contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,7 +29,7 @@ from node.config import Destination
 from node.send import dicomweb
 from node.send.delivery import SendError
 from node.send.dicomweb import credentials_problem, stow
-from tests.peers import DICOMWEB_PLUGIN, DicomWebOrthanc, ct_small, free_port, have, stop_process, wait_until
+from tests.peers import DICOMWEB_PLUGIN, DicomWebOrthanc, ct_small, free_port, have, serving, stop_process, wait_until
 
 PASSWORD = "s3cret-Pa55"
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
@@ -278,15 +277,8 @@ class _ScriptedHandler(BaseHTTPRequestHandler):
 
 @contextmanager
 def scripted(status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> Iterator[Scripted]:
-    server = Scripted((status, headers or {}, body))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with serving(Scripted((status, headers or {}, body))) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 def stow_answer(stored: dict[str, int | None], failed: dict[str, int] | None = None) -> bytes:

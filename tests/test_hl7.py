@@ -6,7 +6,6 @@ import dataclasses
 import socket
 import ssl
 import subprocess
-import threading
 import time
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -20,7 +19,7 @@ from hl7apy.parser import parse_message
 
 from node.send.delivery import SendError
 from node.send.hl7 import DEMO_TEXT, Report, build_oru, deliver, unescape
-from tests.peers import free_port
+from tests.peers import free_port, serving
 
 ORU = "ORU^R01^ORU_R01"
 SR_SOP = "1.2.826.0.1.3680043.8.498.77"
@@ -116,14 +115,8 @@ def mllp_server(handler: type, *args: Any, context: ssl.SSLContext | None = None
     handlers = {ORU: (handler, *args)}
     server = (MLLPServer("127.0.0.1", port, handlers, timeout=5) if context is None
               else TLSMLLPServer("127.0.0.1", port, handlers, timeout=5, context=context))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with serving(server):
         yield port
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 def _deliver(port: int, report: Report = REPORT, control_id: str = "MSG0001", **kwargs: Any) -> Any:
