@@ -50,6 +50,13 @@ class Browser:
         except urllib.error.URLError:
             return 0, ""  # nothing listens (yet)
 
+    def fetch(self, path: str) -> tuple[int, bytes]:
+        try:
+            with self.opener.open(self.base + path, timeout=20) as rsp:
+                return rsp.status, rsp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
     def login(self, user: str, password: str) -> tuple[int, str]:
         return self.request("/login", {"user": user, "password": password})
 
@@ -131,6 +138,10 @@ def _session(nodes, test_model, lung1_series, pacs) -> None:
     assert run["listed"] and run["revision_before"] == "revision 1" and run["message"] == "revision 2 queued"
     assert run["score"] and run["score"].endswith("%")
     assert run["pipeline"] == "AINODE"
+    assert run["image"]  # the result image (here the key slice: this PACS gets no summary image) is shown
+    words = run["report"]
+    assert "Imaging Measurement Report" in words and "demo model, not for clinical use" in words
+    assert "Probability of cancer" in words and "image " in words  # images named by Instance Number
     assert all(Path(p).stat().st_size > 5000 for p in run["shots"])
     wait_until(lambda: len(pacs.instances_of_study(study, "SR")) == 2, 30, "the second SR at the PACS")
 
@@ -170,3 +181,48 @@ def _admin_session(base: str, study: str, shots: Path) -> dict:
     result = _last_json(out)
     assert result is not None, f"admin_session.js exited {proc.returncode}:\n{out[-2000:]}\n{err[-3000:]}"
     return result
+
+
+def test_an_admin_retries_a_dead_letter_from_the_page(nodes, test_model, lung1_series, tmp_path):
+    from tests.peers import dcmtk_env, stop_process
+
+    web_port, pacs_port = free_port(), free_port()  # nothing listens on pacs_port yet: every try fails
+    extra = (f'[model]\npath = "{test_model}"\ndevice = "cpu"\n'
+             "[send]\nretry_hours = 0.0003\nretry_first_seconds = 1\ntimeout_seconds = 2\n"
+             f'[[destinations]]\nname = "gone"\nae_title = "GONE"\nhost = "127.0.0.1"\nport = {pacs_port}\n'
+             'objects = ["sr"]\n')
+    node = NodeProcess(short_tmp(), quiet=1.0, workers=1, extra_config=extra, web_port=web_port)
+    nodes.append(node)
+    add_user(node, *ADMIN, "admin")
+    add_user(node, *VIEWER, "viewer")
+    node.start()
+    base = f"http://127.0.0.1:{web_port}"
+    wait_until(lambda: Browser(base).request("/healthz")[0] == 200, 30, "the web process")
+    assert storescu(lung1_series[:12], node.port).returncode == 0
+    study = str(pydicom.dcmread(lung1_series[0], stop_before_pixels=True).StudyInstanceUID)
+    state = node.storage / "state" / study / "rev-0001.send-gone.json"
+    wait_until(lambda: state.exists() and json.loads(state.read_text())["status"] == "dead", 90, "the dead letter")
+
+    viewer = Browser(base)
+    assert viewer.login(*VIEWER)[0] == 200
+    page = viewer.request(f"/studies/{study}")[1]
+    assert 'id="deliveries"' in page and ">dead<" in page and 'id="retry-gone"' not in page  # a viewer sees, only
+    status, png = viewer.fetch(f"/studies/{study}/image.png")  # the key slice, with its findings circled
+    assert status == 200 and png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 20000
+    assert Browser(base).fetch(f"/studies/{study}/image.png")[0] == 401  # patient data: logged in only
+    admin = Browser(base)
+    assert admin.login(*ADMIN)[0] == 200
+    page = admin.request(f"/studies/{study}")[1]
+    assert 'id="retry-gone"' in page
+    scp = subprocess.Popen(["storescp", "-aet", "GONE", "-od", str(tmp_path), str(pacs_port)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dcmtk_env())
+    try:
+        status, page = admin.request(f"/studies/{study}/resend", {"csrf": admin.csrf(f"/studies/{study}"),
+                                                                  "dest": "gone"})
+        assert status == 200 and "1 delivery(ies) queued to gone" in page
+        wait_until(lambda: json.loads(state.read_text())["status"] == "sent", 60, "the retried delivery")
+        assert len(list(tmp_path.iterdir())) == 1  # the SR
+    finally:
+        stop_process(scp)
+    trail = (node.storage / "audit.jsonl").read_text()
+    assert "resend requested by ada (web" in trail and "queued to gone" in trail

@@ -237,3 +237,25 @@ def test_reanalyse_queues_a_new_revision_whose_sr_supersedes_the_last(ctx, lung1
     assert refs == [Path(sr1).stem] and sr2.InstanceNumber == 2
     audit = (ctx.storage.root / "audit.jsonl").read_text()
     assert "re-analysis requested by" in audit
+
+
+def test_the_web_page_shows_the_summary_image_when_one_was_made(ctx, lung1_series):
+    import io
+    from dataclasses import replace
+
+    import pydicom
+    from PIL import Image
+
+    from node.web.pages import result_png
+
+    ctx.cfg = replace(ctx.cfg, destinations=(replace(ctx.cfg.destinations[0], objects=("sr", "sc")),))
+    study = store_series(ctx.storage, lung1_series, 1)
+    assert analyse_study(study, 1) == "analysed"
+    outcome = ctx.storage.read_outcome(study, 1)
+    sc = pydicom.dcmread(ctx.storage.results / study / outcome["objects"]["sc"])
+    shown = Image.open(io.BytesIO(result_png(ctx.storage, study, 1, outcome)))
+    assert shown.size == (sc.Columns, sc.Rows) and shown.mode == "RGB"
+    assert shown.tobytes() == sc.pixel_array.tobytes()  # the very summary image the PACS got
+    without = {**outcome, "objects": {"sr-comprehensive": outcome["objects"]["sr-comprehensive"]}}
+    key = Image.open(io.BytesIO(result_png(ctx.storage, study, 1, without)))
+    assert key.size == (512, 512)  # else the top slice itself, in a lung window

@@ -6,6 +6,10 @@ Every form carries the session's CSRF token and every POST without it is
 refused (403). Logins (good and bad) and every action are audited with the
 user's name and address; viewers see, admins also resend and re-analyse.
 The JSON API (``/api/studies``, ``/api/studies/{uid}``) takes the same session.
+
+A study's page shows its result image (the summary image when one was made,
+else the top key slice in a lung window with the findings marked), its SR in
+words, and each delivery with a retry for the dead ones.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from starlette.templating import Jinja2Templates
 
 from node.audit import Action, AuditError, AuditTrail, Outcome
 from node.config import Config
-from node.history import STATES, StateCache, local_time, reanalyse, resend, study_state, timeline
+from node.history import STATES, StateCache, local_time, reanalyse, recorded_sends, resend, study_state, timeline
 from node.results.facts import percent
 from node.store import Storage, check_uid
 from node.users import User, Users
@@ -140,9 +144,34 @@ class Pages:
         if uid is None:
             return Response("no such study", status_code=404)
         st, events, outcome = await run_in_threadpool(self._study, uid)
+        sends = recorded_sends(self.storage, uid, st.revision) if st.revision else []
         return TEMPLATES.TemplateResponse(request, "study.html", {
             "session": s, "st": st, "events": events, "result": (outcome or {}).get("result"),
-            "message": request.query_params.get("message")})
+            "has_image": bool(outcome and outcome.get("status") == "analysed"), "sends": sends,
+            "has_report": bool(outcome and _sr_name(outcome)), "message": request.query_params.get("message")})
+
+    async def image(self, request: Request) -> Response:
+        """The result image of the study's latest analysed revision, as PNG."""
+        if self.session(request) is None:
+            return Response("log in first", status_code=401)
+        uid = self._uid(request)
+        png = await run_in_threadpool(self._image, uid) if uid else None
+        if png is None:
+            return Response("no result image", status_code=404)
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private, no-store"})
+
+    async def report(self, request: Request) -> Response:
+        """The SR of the study's latest analysed revision, in words."""
+        s = self.session(request)
+        if s is None:
+            return RedirectResponse("/login", status_code=303)
+        uid = self._uid(request)
+        found = await run_in_threadpool(self._report, uid) if uid else None
+        if found is None:
+            return Response("no SR for this study", status_code=404)
+        revision, sr_uid, lines = found
+        return TEMPLATES.TemplateResponse(request, "report.html", {
+            "session": s, "uid": uid, "revision": revision, "sr_uid": sr_uid, "lines": lines})
 
     async def action(self, request: Request) -> Response:
         s = self.session(request)
@@ -163,8 +192,10 @@ class Pages:
                 rev = await run_in_threadpool(reanalyse, self.storage, self.redis, uid)
                 message, revision = f"revision {rev.revision} queued", rev.revision
             elif what == "resend":
-                jobs = await run_in_threadpool(resend, self.storage, self.cfg, self.redis, uid)
-                message, revision = f"{len(jobs)} delivery(ies) queued", self.storage.revisions(uid)[-1]
+                dest = str((await request.form()).get("dest", "")) or None  # one destination (a dead letter)
+                jobs = await run_in_threadpool(resend, self.storage, self.cfg, self.redis, uid, dest)
+                message = f"{len(jobs)} delivery(ies) queued" + (f" to {dest}" if dest else "")
+                revision = self.storage.revisions(uid)[-1]
             else:
                 return Response("no such action", status_code=404)
         except LookupError as exc:
@@ -239,6 +270,98 @@ class Pages:
         return st, timeline(self.storage, self.cfg.audit_path, uid), outcome
 
 
+    def _analysed(self, uid: str) -> tuple[int, dict[str, Any]] | None:
+        """The latest analysed revision and its outcome."""
+        for rev in reversed(self.storage.revisions(uid)):
+            outcome = self.storage.read_outcome(uid, rev)
+            if outcome and outcome.get("status") == "analysed":
+                return rev, outcome
+        return None
+
+    def _image(self, uid: str) -> bytes | None:
+        found = self._analysed(uid)
+        if found is None:
+            return None
+        rev, outcome = found
+        return result_png(self.storage, uid, rev, outcome)
+
+    def _report(self, uid: str) -> tuple[int, str, list[Any]] | None:
+        import pydicom
+
+        from node.results.sr_words import sr_in_words
+
+        found = self._analysed(uid)
+        if found is None or not (name := _sr_name(found[1])):
+            return None
+        rev, outcome = found
+        path = self.storage.results / uid / name
+        if not path.exists():
+            return None
+        sr = pydicom.dcmread(path)
+        return rev, str(sr.SOPInstanceUID), sr_in_words(sr, _image_labels(outcome.get("result", {})))
+
+
+def _sr_name(outcome: dict[str, Any]) -> str | None:
+    """The file of the SR an analysed revision made (the default class first)."""
+    objects = outcome.get("objects", {})
+    for kind in sorted(objects, key=lambda k: (k != "sr-comprehensive", k)):
+        if kind.startswith("sr-"):
+            return str(objects[kind])
+    return None
+
+
+def _image_labels(result: dict[str, Any]) -> dict[str, str]:
+    """SOP Instance UID -> how people name the image (its Instance Number), for the images a result names."""
+    out = {}
+    for item in [*result.get("findings", []), *result.get("key_images", [])]:
+        image = item.get("image", {})
+        number = image.get("instance_number")
+        out[str(image.get("sop_instance_uid"))] = str(number if number is not None else image.get("slice_index", 0) + 1)
+    return out
+
+
+#: The lung window a key slice is shown in (centre, width in HU), as the summary image uses.
+LUNG_WINDOW = (-600.0, 1500.0)
+
+
+def result_png(storage: Storage, uid: str, revision: int, outcome: dict[str, Any]) -> bytes | None:
+    """The summary image the revision made, as PNG; without one, its top slice (a finding's, else the best
+    key image) in a lung window, each finding on it circled."""
+    import io
+
+    import numpy as np
+    import pydicom
+    from PIL import Image, ImageDraw
+
+    made = outcome.get("objects", {}).get("sc")
+    path = storage.results / uid / made if made else None
+    if path is not None and path.exists():
+        picture = Image.fromarray(np.asarray(pydicom.dcmread(path).pixel_array, dtype=np.uint8))
+    else:
+        result = outcome.get("result", {})
+        top = (result.get("findings") or result.get("key_images") or [None])[0]
+        if top is None:
+            return None
+        sop = str(top["image"]["sop_instance_uid"])
+        series = storage.read_revision(uid, revision).instances.get(sop)
+        if series is None or not (source := storage.instance_path(uid, series, sop)).exists():
+            return None
+        ds = pydicom.dcmread(source)
+        hu = ds.pixel_array.astype(np.float32) * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
+        centre, width = LUNG_WINDOW
+        grey = np.clip((hu - (centre - width / 2)) / width * 255.0, 0, 255).astype(np.uint8)
+        picture = Image.fromarray(grey).convert("RGB")
+        draw = ImageDraw.Draw(picture)
+        for f in result.get("findings", []):
+            if f["image"]["sop_instance_uid"] == sop:
+                r = max(6.0, picture.width / 40)
+                draw.ellipse((f["column"] - r, f["row"] - r, f["column"] + r, f["row"] + r), outline=(255, 200, 0),
+                             width=2)
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def routes(pages: Pages) -> list[Route]:
     return [
         Route("/", pages.studies),
@@ -246,6 +369,8 @@ def routes(pages: Pages) -> list[Route]:
         Route("/login", pages.login, methods=["POST"]),
         Route("/logout", pages.logout, methods=["POST"]),
         Route("/studies/{uid}", pages.study),
+        Route("/studies/{uid}/image.png", pages.image, methods=["GET"]),
+        Route("/studies/{uid}/report", pages.report, methods=["GET"]),
         Route("/studies/{uid}/{action}", pages.action, methods=["POST"]),
         Route("/api/studies", pages.api_studies),
         Route("/api/studies/{uid}", pages.api_study),

@@ -1,8 +1,9 @@
 // An admin's session on ainode's results page in headless Chromium: log in, find the study, open it,
 // re-analyse it and watch the new revision arrive. Run by tests/test_webpage.py with
 // NODE_PATH=<cache>/node_modules and $WEB_ARGS = {base, user, password, study, shots, chromium, timeoutMs}.
-// Prints one JSON object as the last line of stdout: ok, error, listed, score, revision_before,
-// revision_after, state_after, message, shots (paths). Every wait is bounded.
+// Prints one JSON object as the last line of stdout: ok, error, listed, score, revision_before, pipeline,
+// image (the result image loaded), report (the SR in words), revision_after, state_after, message, shots
+// (paths). Every wait is bounded.
 'use strict';
 
 const puppeteer = require('puppeteer-core');
@@ -38,7 +39,15 @@ setTimeout(() => { result.error = result.error || 'watchdog: out of time'; done(
     result.score = await text('#score');
     result.revision_before = await text('#revision');
     result.pipeline = await text('#pipeline');
+    await page.waitForFunction(() => { const i = document.querySelector('#summary');
+                                       return i && i.complete && i.naturalWidth > 0; }, {timeout: 20000})
+      .then(() => { result.image = true; }).catch(() => { result.image = false; });
     await shot('web-study');
+    log('the SR in words');
+    await Promise.all([page.waitForNavigation({timeout: 20000}), page.click('#report')]);
+    result.report = await text('#sr');
+    await shot('web-report');
+    await Promise.all([page.waitForNavigation({timeout: 20000}), page.goBack()]);
     log('re-analyse');
     await Promise.all([page.waitForNavigation({timeout: 20000}), page.click('#reanalyse')]);
     result.message = await text('#message');
