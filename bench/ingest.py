@@ -18,6 +18,9 @@ Receivers:
 - ``storescp-fork`` (not in the default list): ``--fork``, one process per association.
 - ``ainode-x2`` (not in the default list): two ainode processes, senders spread over them
   round-robin: an upper bound for several receiver processes behind one port (SO_REUSEPORT).
+- ``ainode+web`` (not in the default list): ``ainode`` with its web process on and ``/metrics``
+  and ``/readyz`` scraped every second while it ingests (a Prometheus far more eager than the
+  usual 15 s): what the results page and the metrics cost the front door.
 
 Usage::
 
@@ -46,7 +49,7 @@ from typing import Any, Sequence
 
 from tests.peers import NodeProcess, dcmtk_env, free_port, kill_pid, pid_alive, short_tmp, stop_process
 
-RECEIVERS = ("ainode", "storescp", "storescp+B", "orthanc", "storescp-fork", "ainode-x2")
+RECEIVERS = ("ainode", "storescp", "storescp+B", "orthanc", "storescp-fork", "ainode-x2", "ainode+web")
 DEFAULT_RECEIVERS = ("ainode", "storescp", "storescp+B", "orthanc")
 READY_TIMEOUT_S = 30.0
 SENDER_TIMEOUT_S = 600.0
@@ -220,6 +223,53 @@ class Ainode(Receiver):
             kill_pid(redis_pid)
 
 
+class AinodeWeb(Ainode):
+    """ainode with [web] on, its /metrics and /readyz scraped every second from a thread."""
+
+    name = "ainode+web"
+    SCRAPE_S = 1.0
+
+    def start(self) -> None:
+        import threading
+        import urllib.request
+
+        web_port = free_port()
+        self.node = NodeProcess(self.workdir, quiet=600, max_wait=1200, workers=-1, web_port=web_port)
+        self.port = self.node.port
+        self.node.start()
+        assert self.node.proc is not None
+        wait_ready(self.aet, self.port, self.node.proc, "ainode")
+        base = f"http://127.0.0.1:{web_port}"
+        self.scrapes, self._stop = 0, threading.Event()
+
+        def get(path: str) -> bool:
+            try:
+                with urllib.request.urlopen(base + path, timeout=5) as rsp:
+                    rsp.read()
+                return True
+            except OSError as exc:  # /readyz answers 503 here (no analysis worker): still a scrape
+                return getattr(exc, "code", None) == 503
+
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not get("/metrics"):
+            if time.monotonic() > deadline:
+                raise BenchError("ainode's web process did not answer /metrics")
+            time.sleep(0.1)
+
+        def scrape() -> None:
+            while not self._stop.wait(self.SCRAPE_S):
+                self.scrapes += get("/metrics") + get("/readyz")
+
+        self._scraper = threading.Thread(target=scrape, daemon=True)
+        self._scraper.start()
+
+    def stop(self) -> None:
+        if hasattr(self, "_stop"):
+            self._stop.set()
+            self._scraper.join(10)
+        super().stop()
+
+
 class AinodeGroup(Receiver):
     """Several ainode processes, senders spread round-robin: what SO_REUSEPORT would give.
 
@@ -335,6 +385,8 @@ def make_receiver(name: str) -> Receiver:
         return Storescp(name, ["--fork"])
     if name == "ainode-x2":
         return AinodeGroup(2)
+    if name == "ainode+web":
+        return AinodeWeb()
     if name == "orthanc":
         return OrthancReceiver()
     raise ValueError(f'unknown receiver "{name}"; choose from {", ".join(RECEIVERS)}')

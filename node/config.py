@@ -333,8 +333,12 @@ class Config:
         return next((d for d in self.destinations if d.name == name), None)
 
     def pipeline(self, name: str) -> Pipeline | None:
-        """The pipeline of that called AE title (padding ignored); ``""`` (a study of ainode 0.1): the first."""
-        if not name.strip():
+        """The pipeline of that called AE title (padding ignored); ``""`` (a study of ainode 0.1): the first.
+
+        Without ``[[pipelines]]`` every study is the one pipeline's, whatever AE title it came to (an
+        admin who renames ``[node] ae_title`` keeps the studies received under the old one).
+        """
+        if not name.strip() or not self.declared_pipelines:
             return self.pipelines[0]
         return next((p for p in self.pipelines if p.name == name.strip()), None)
 

@@ -38,7 +38,7 @@ from node.errors import NoUsableSeriesError, StudyLimitError, VolumeError
 from node.jobs import EXECUTION_TTL_S, HEARTBEAT_S, die_with, worker_name
 from node.results.facts import Finding, KeyImage, ModelInfo, Result, SourceImage
 from node.results.objects import all_kinds, ensure_object
-from node.send import SEND_QUEUE, enqueue_send
+from node.send import SEND_QUEUE, SendError, enqueue_send
 from node.store import Storage
 
 if TYPE_CHECKING:
@@ -218,6 +218,10 @@ def _analyse(ctx: WorkerContext, study_uid: str, revision: int, pipeline: Pipeli
 # --- the process -----------------------------------------------------------------
 
 
+#: Job failures that the job itself has logged in one line (a PACS down): rq need not add a traceback.
+EXPECTED_FAILURES = (SendError,)
+
+
 class AinodeWorker(SimpleWorker):
     """rq's non-forking worker that keeps beating while a job runs (see node.jobs).
 
@@ -246,6 +250,18 @@ class AinodeWorker(SimpleWorker):
             metrics.JOB_SECONDS.labels(job.origin, outcome).observe(time.monotonic() - started)
         self.set_state(WorkerStatus.IDLE)
 
+    def handle_exception(self, job: Job, *exc_info: Any) -> None:
+        """A job that failed in an expected way (a destination down) has logged why in one line: rq's
+        traceback of it is left out; its exception handlers still run. Every other failure keeps it."""
+        if len(exc_info) > 1 and isinstance(exc_info[1], EXPECTED_FAILURES):
+            logger.debug("Job %s: %s", job.id, exc_info[1])
+            for handler in self._exc_handlers:  # as rq's own handle_exception runs them
+                went_on = handler(job, *exc_info)
+                if went_on is not None and not went_on:
+                    break
+            return
+        super().handle_exception(job, *exc_info)
+
     def _beat(self, job: Job, execution: Any, done: threading.Event) -> None:
         registry = StartedJobRegistry(job.origin, connection=self.connection)
         while not done.wait(HEARTBEAT_S):
@@ -258,25 +274,9 @@ class AinodeWorker(SimpleWorker):
                 logger.warning("Job %s: heartbeat not written: %s", job.id, exc)
 
 
-#: Job failures that the job itself has logged in one line (a PACS down): rq need not add a traceback.
-EXPECTED_FAILURES = ("node.send.delivery.SendError",)
-
-
-class _QuietExpectedFailures(logging.Filter):
-    """Drop rq's traceback of a job that failed in an expected way; keep every other."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR and "exception raised while executing" in str(record.msg) and record.args:
-            lines = str(record.args[-1] if isinstance(record.args, tuple) else "").strip().splitlines()
-            if lines and lines[-1].startswith(EXPECTED_FAILURES):
-                return False
-        return True
-
-
 def _quiet_rq(level: str) -> str:
     """rq's INFO chatter (every job dequeued, every heartbeat) goes to DEBUG; returns the level to give rq."""
     rq_level = "DEBUG" if level == "DEBUG" else "WARNING"
-    logging.getLogger("rq.worker").addFilter(_QuietExpectedFailures())
     for name in ("rq.worker", "rq.queue", "rq.scheduler", "rq.job", "rq.registry"):
         logging.getLogger(name).setLevel(rq_level)
     return rq_level

@@ -128,7 +128,8 @@ def test_without_pipelines_node_ae_title_is_the_one_pipeline_to_every_destinatio
     (only,) = cfg.pipelines
     assert not cfg.declared_pipelines
     assert (only.name, only.destinations, only.model, only.series) == ("OLD", ("pacs", "archive", "ris"), "", "default")
-    assert cfg.pipeline("") == only and cfg.pipeline("OLD ") == only and cfg.pipeline("OTHER") is None
+    assert cfg.pipeline("") == only and cfg.pipeline("OLD ") == only
+    assert cfg.pipeline("RENAMED") == only  # a study received before [node] ae_title was changed
     assert cfg.quiet_seconds(only) == cfg.completion.quiet_seconds and cfg.threshold(only) is None
 
 

@@ -153,6 +153,8 @@ def _scrape_and_follow(node, pacs, prometheus, lung1_series, web_port, redis) ->
     redis.__init__(port)  # the same server, started again on its port
     redis.start()
     wait_until(lambda: get(web + "/readyz")[0] == 200, 90, "readyz once Redis is back")
+    # probes and scrapes open no DICOM connection: the node's log has no association attempt from them
+    assert "closed before an association" not in node.log_text()
 
 
 def test_the_shipped_alert_rules_pass_promtool():
@@ -187,3 +189,18 @@ def test_healthz_answers_alone_and_metrics_say_redis_is_down(tmp_path):
     finally:
         stop_process(proc)
     assert proc.returncode in (0, -signal.SIGTERM)  # stopped by its SIGTERM (uvicorn re-raises it), not killed
+
+
+def test_listening_ports_are_read_from_the_kernel():
+    import socket
+
+    from node.web.health import listening_ports
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        ports = listening_ports()
+        assert ports is not None and port not in ports  # bound, not listening
+        sock.listen()
+        assert port in listening_ports()
+    assert port not in listening_ports()

@@ -44,6 +44,29 @@ class Check:
         return {"ok": self.ok, "detail": self.detail}
 
 
+#: The kernel's TCP socket tables and the state number of a listening socket in them.
+PROC_TCP = ("/proc/net/tcp", "/proc/net/tcp6")
+TCP_LISTEN = "0A"
+
+
+def listening_ports() -> set[int] | None:
+    """The local TCP ports some socket listens on (this network namespace), or None without /proc."""
+    ports: set[int] = set()
+    found = False
+    for table in PROC_TCP:
+        try:
+            with open(table, encoding="ascii") as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        found = True
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 3 and fields[3] == TCP_LISTEN:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports if found else None
+
+
 def live_workers(redis: Redis | None, storage: Storage) -> dict[str, list[str]]:
     """The names of the live ainode workers, by role.
 
@@ -80,9 +103,17 @@ class Health:
         self.storage = Storage(cfg.node.storage)
 
     def scp(self) -> Check:
+        """Whether the SCP's port is in the kernel's LISTEN state: read from /proc, so a probe every few
+        seconds opens no connection (each would be an association attempt in the node's log); where
+        /proc is not there, one TCP connection says it."""
         host = "127.0.0.1" if self.cfg.node.host in ("0.0.0.0", "") else self.cfg.node.host
         host = "::1" if host == "::" else host
         port = self.cfg.node.port or self.cfg.tls.port
+        listening = listening_ports()
+        if listening is not None:
+            if port in listening:
+                return Check(True, f"listening on {host}:{port}")
+            return Check(False, f"nothing listens on port {port}")
         try:
             with socket.create_connection((host, port), timeout=2.0):
                 return Check(True, f"listening on {host}:{port}")
