@@ -116,16 +116,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _since(text: str) -> float:
     """``--since``: a duration back from now (``90m``, ``24h``, ``7d``) or a date (``2026-12-01``)."""
-    import datetime as dt
-    import time
+    from node.history import parse_since
 
-    units = {"m": 60, "h": 3600, "d": 86400}
-    if text[-1:] in units and text[:-1].replace(".", "", 1).isdigit():
-        return time.time() - float(text[:-1]) * units[text[-1]]
     try:
-        return dt.datetime.fromisoformat(text).astimezone().timestamp()
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a duration (90m, 24h, 7d) nor a date (2026-12-01)")
+        return parse_since(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _results_list(args: argparse.Namespace) -> int:

@@ -149,6 +149,21 @@ def list_states(storage: Storage, cfg: Config, redis: Redis | None, states: Iter
             if (not wanted or st.state in wanted) and (since is None or (st.last_at or 0) >= since)]
 
 
+def parse_since(text: str, now: float | None = None) -> float:
+    """A point in time from a duration back from now (``90m``, ``24h``, ``7d``) or a local date or time
+    (``2026-12-01``, ``2026-12-01T08:00``); ValueError saying which forms are understood."""
+    import datetime as dt
+
+    units = {"m": 60, "h": 3600, "d": 86400}
+    text = text.strip()
+    if text[-1:] in units and text[:-1].replace(".", "", 1).isdigit():
+        return (time.time() if now is None else now) - float(text[:-1]) * units[text[-1]]
+    try:
+        return dt.datetime.fromisoformat(text).astimezone().timestamp()
+    except ValueError:
+        raise ValueError(f"{text!r} is neither a duration (90m, 24h, 7d) nor a date (2026-12-01)") from None
+
+
 def local_time(t: float | None, seconds: bool = False) -> str:
     """An epoch time as people read it here: local, to the minute (or second)."""
     import datetime as dt

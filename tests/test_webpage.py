@@ -112,6 +112,14 @@ def _session(nodes, test_model, lung1_series, pacs) -> None:
     status, listing = viewer.request("/")
     assert status == 200 and study in listing and "DEMO^LUNG1" in listing
     assert "STORESCU &rarr; AINODE" in listing  # who sent it, to which pipeline
+    # filtered by when it was last active: a span back from now, or a date
+    assert study in viewer.request("/?since=1h")[1] and study in viewer.request("/?since=2001-01-01&state=sent")[1]
+    later = viewer.request("/?since=2999-01-01")[1]
+    assert study not in later and "active since 2999-01-01" in later
+    status, page = viewer.request("/?since=yesterday")
+    assert status == 400 and "neither a duration" in page
+    assert viewer.request("/api/studies?since=yesterday")[0] == 400
+    assert [r["study_uid"] for r in json.loads(viewer.request("/api/studies?since=30d")[1])] == [study]
     status, page = viewer.request(f"/studies/{study}")
     assert status == 200 and 'id="reanalyse"' not in page  # no buttons for a viewer
     token = viewer.csrf(f"/studies/{study}")  # the logout form's

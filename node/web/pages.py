@@ -19,6 +19,7 @@ import hmac
 import secrets
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -31,7 +32,8 @@ from starlette.templating import Jinja2Templates
 
 from node.audit import Action, AuditError, AuditTrail, Outcome
 from node.config import Config
-from node.history import STATES, StateCache, local_time, reanalyse, recorded_sends, resend, study_state, timeline
+from node.history import (STATES, StateCache, local_time, parse_since, reanalyse, recorded_sends, resend, study_state,
+                          timeline)
 from node.results.facts import percent
 from node.store import Storage, check_uid
 from node.users import User, Users
@@ -128,13 +130,21 @@ class Pages:
         if s is None:
             return RedirectResponse("/login", status_code=303)
         state = request.query_params.get("state") or None
-        page = max(1, int(request.query_params.get("page", "1") or 1))
-        rows = await run_in_threadpool(self._rows, state)
+        since, problem = _since(request.query_params.get("since", ""))
+        try:
+            page = max(1, int(request.query_params.get("page", "1") or 1))
+        except ValueError:
+            page = 1
+        rows = await run_in_threadpool(self._rows, state, since)
         shown = rows[(page - 1) * PAGE_SIZE: page * PAGE_SIZE]
         headers = await run_in_threadpool(self._headers, shown)
+        query = "&".join(f"{k}={urllib.parse.quote(v)}" for k, v in (("state", state or ""),
+                         ("since", request.query_params.get("since", "") if since else "")) if v)
         return TEMPLATES.TemplateResponse(request, "studies.html", {
             "session": s, "rows": list(zip(shown, headers)), "states": STATES, "state": state, "page": page,
-            "pages": max(1, (len(rows) + PAGE_SIZE - 1) // PAGE_SIZE), "total": len(rows)})
+            "pages": max(1, (len(rows) + PAGE_SIZE - 1) // PAGE_SIZE), "total": len(rows), "query": query,
+            "since": request.query_params.get("since", "") if since else "", "since_problem": problem,
+            "spans": SPANS}, status_code=400 if problem else 200)
 
     async def study(self, request: Request) -> Response:
         s = self.session(request)
@@ -209,7 +219,10 @@ class Pages:
     async def api_studies(self, request: Request) -> Response:
         if self.session(request) is None:
             return JSONResponse({"error": "log in first"}, status_code=401)
-        rows = await run_in_threadpool(self._rows, request.query_params.get("state") or None)
+        since, problem = _since(request.query_params.get("since", ""))
+        if problem:
+            return JSONResponse({"error": problem}, status_code=400)
+        rows = await run_in_threadpool(self._rows, request.query_params.get("state") or None, since)
         return JSONResponse([r.to_json() for r in rows])
 
     async def api_study(self, request: Request) -> Response:
@@ -235,10 +248,10 @@ class Pages:
             return None
         return uid if (self.storage.studies / uid).is_dir() else None  # one stat, not a listing of every study
 
-    def _rows(self, state: str | None) -> list[Any]:
+    def _rows(self, state: str | None, since: float | None = None) -> list[Any]:
         with self._cache_lock:  # one request at a time refreshes the cache
             rows = self.cache.states(self.storage, self.cfg, self.redis)
-        return [r for r in rows if r.state == state] if state else rows
+        return [r for r in rows if (not state or r.state == state) and (since is None or (r.last_at or 0) >= since)]
 
     def _headers(self, rows: list[Any]) -> list[dict[str, str]]:
         """Patient, accession and sender as the PACS sent them, from one instance's header (shown rows only)."""
@@ -299,6 +312,20 @@ class Pages:
             return None
         sr = pydicom.dcmread(path)
         return rev, str(sr.SOPInstanceUID), sr_in_words(sr, _image_labels(outcome.get("result", {})))
+
+
+#: The spans the studies page offers as links (any ``since`` the CLI takes also works in the URL).
+SPANS = (("last hour", "1h"), ("24 hours", "24h"), ("7 days", "7d"), ("30 days", "30d"))
+
+
+def _since(text: str) -> tuple[float | None, str | None]:
+    """``?since=``: (the time, None), (None, None) when not given, or (None, why) when not understood."""
+    if not text.strip():
+        return None, None
+    try:
+        return parse_since(text), None
+    except ValueError as exc:
+        return None, str(exc)
 
 
 def _sr_name(outcome: dict[str, Any]) -> str | None:
