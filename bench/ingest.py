@@ -18,6 +18,8 @@ Receivers:
 - ``storescp-fork`` (not in the default list): ``--fork``, one process per association.
 - ``ainode-x2`` (not in the default list): two ainode processes, senders spread over them
   round-robin: an upper bound for several receiver processes behind one port (SO_REUSEPORT).
+- ``ainode-r2``, ``ainode-r4`` (not in the default list): one ainode with ``[node] receivers`` 2 or 4:
+  that many receiving processes behind its port (SO_REUSEPORT), one storage, Redis and audit trail.
 - ``ainode+web`` (not in the default list): ``ainode`` with its web process on and ``/metrics``
   and ``/readyz`` scraped every second while it ingests (a Prometheus far more eager than the
   usual 15 s): what the results page and the metrics cost the front door.
@@ -49,7 +51,8 @@ from typing import Any, Sequence
 
 from tests.peers import NodeProcess, dcmtk_env, free_port, kill_pid, pid_alive, short_tmp, stop_process
 
-RECEIVERS = ("ainode", "storescp", "storescp+B", "orthanc", "storescp-fork", "ainode-x2", "ainode+web")
+RECEIVERS = ("ainode", "storescp", "storescp+B", "orthanc", "storescp-fork", "ainode-x2", "ainode+web", "ainode-r2",
+             "ainode-r4")
 DEFAULT_RECEIVERS = ("ainode", "storescp", "storescp+B", "orthanc")
 READY_TIMEOUT_S = 30.0
 SENDER_TIMEOUT_S = 600.0
@@ -195,8 +198,15 @@ class Receiver:
 class Ainode(Receiver):
     name, aet = "ainode", "AINODE"
 
+    def __init__(self, receivers: int = 1) -> None:
+        super().__init__()
+        self.receivers = receivers
+        if receivers > 1:
+            self.name = f"ainode-r{receivers}"
+
     def start(self) -> None:
-        self.node = NodeProcess(self.workdir, quiet=600, max_wait=1200, workers=-1)  # no analysis workers
+        self.node = NodeProcess(self.workdir, quiet=600, max_wait=1200, workers=-1,  # no analysis workers
+                                node_config=f"receivers = {self.receivers}")
         self.port = self.node.port
         self.node.start()
         assert self.node.proc is not None
@@ -205,7 +215,7 @@ class Ainode(Receiver):
     @property
     def pids(self) -> list[int]:
         assert self.node.proc is not None
-        return [self.node.proc.pid]
+        return [self.node.proc.pid]  # its receiving processes are its children: counted with it
 
     def helper_pids(self) -> list[int]:
         pid = self.node.embedded_redis_pid()
@@ -387,6 +397,8 @@ def make_receiver(name: str) -> Receiver:
         return AinodeGroup(2)
     if name == "ainode+web":
         return AinodeWeb()
+    if name in ("ainode-r2", "ainode-r4"):
+        return Ainode(receivers=int(name[-1]))
     if name == "orthanc":
         return OrthancReceiver()
     raise ValueError(f'unknown receiver "{name}"; choose from {", ".join(RECEIVERS)}')

@@ -445,7 +445,7 @@ def cmd_pipeline_list(args: argparse.Namespace) -> int:
 def cmd_pipeline_show(args: argparse.Namespace) -> int:
     """Print one pipeline with everything it uses, resolved (the model's card, the series rules, the destinations)."""
     cfg = config.load(args.config)
-    pl = cfg.pipeline(args.ae_title) if args.ae_title.strip() else None
+    pl = next((p for p in cfg.pipelines if p.name == args.ae_title.strip()), None)
     if pl is None:
         raise AdminError(f"no pipeline {args.ae_title.strip()!r}; see `ainode pipeline list`")
     print(f"pipeline {pl.name}{'' if cfg.declared_pipelines else ' (from [node] ae_title: no [[pipelines]])'}")

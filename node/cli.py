@@ -90,6 +90,17 @@ def _worker(args: argparse.Namespace) -> int:
     return run_worker(cfg, args.role, burst=args.burst, supervisor=args.supervised_by)
 
 
+def _receive(args: argparse.Namespace) -> int:
+    from node.receive.process import run_receiver
+
+    os.umask(0o077)
+    cfg = config_mod.load(args.config)
+    node = cfg.node
+    node = replace(node, host=args.host or node.host, port=node.port if args.port is None else args.port,
+                   storage=Path(args.storage).resolve() if args.storage else node.storage)
+    return run_receiver(replace(cfg, node=node), args.index, args.supervised_by)
+
+
 def _web(args: argparse.Namespace) -> int:
     os.umask(0o077)
     cfg = config_mod.load(args.config)
@@ -237,6 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--burst", action="store_true", help="stop when the queue is empty")
     p.add_argument("--supervised-by", type=int, metavar="PID", help=argparse.SUPPRESS)  # set by `ainode serve`
     p.set_defaults(func=_worker)
+
+    p = sub.add_parser("receive", help="one receiving process (`serve` starts [node] receivers of them)")
+    p.add_argument("--index", type=int, default=0)
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--storage")
+    p.add_argument("--supervised-by", type=int, metavar="PID", required=True)
+    p.set_defaults(func=_receive)
 
     p = sub.add_parser("web", help="serve /healthz, /readyz and /metrics ([web]; `serve` runs it too)")
     p.add_argument("--storage", help="storage folder (overrides [node] storage)")

@@ -22,7 +22,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from node import metrics
-from node.config import CompletionConfig
+from node.config import CompletionConfig, Config
 from node.enqueue import JobQueue, job_id
 from node.store import Revision, Storage
 
@@ -34,6 +34,13 @@ KEY_DEADLINE = "ainode:completion:deadline"
 KEY_EPOCH = "ainode:epoch"
 #: How soon a study whose completion could not be written (disk full) is tried again.
 STORAGE_RETRY_S = 5.0
+
+
+def quiet_by_pipeline(cfg: Config) -> dict[str, float]:
+    """Each pipeline's quiet period, by the name its studies' revisions carry ("" for ainode 0.1's)."""
+    quiet = {p.name: cfg.quiet_seconds(p) for p in cfg.pipelines}
+    quiet[""] = cfg.quiet_seconds(cfg.pipelines[0])
+    return quiet
 
 
 class Completion:

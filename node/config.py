@@ -102,6 +102,7 @@ class NodeConfig:
     max_connections_per_host: int = 16
     associate_timeout_seconds: float = 10.0
     idle_timeout_seconds: float = 60.0
+    receivers: int = 1  # receiving processes sharing the port(s) (SO_REUSEPORT); 1: the node process receives
 
 
 @dataclass(frozen=True)
@@ -465,6 +466,8 @@ def parse(data: Mapping[str, Any], origin: str = "<config>", base: Path | None =
     if not 1 <= node.max_connections_per_host <= 1000:
         raise ck.fail("[node] max_connections_per_host",
                       f"must be between 1 and 1000, got {node.max_connections_per_host}")
+    if not 1 <= node.receivers <= 64:
+        raise ck.fail("[node] receivers", f"must be between 1 and 64, got {node.receivers}")
     for key in ("associate_timeout_seconds", "idle_timeout_seconds"):
         if not 0 < getattr(node, key) <= 3600:
             raise ck.fail(f"[node] {key}", f"must be more than 0 and at most 3600, got {getattr(node, key):g}")

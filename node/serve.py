@@ -1,8 +1,10 @@
 """``ainode serve``: the receiving node — SCP, storage, completion loop, Redis.
 
-One process: pynetdicom's server threads receive (on the plain port, the TLS
-port or both); the main thread runs the completion loop and handles signals
-(SIGHUP reload, SIGTERM/SIGINT stop). Start, stop and every reload are audited.
+The SCP (node.receive) receives on the plain port, the TLS port or both: in
+this process, or with ``[node] receivers`` N > 1 in N receiving processes
+sharing the ports (node.receive.process). The main thread runs the completion
+loop and handles signals (SIGHUP reload, passed on to the receiving processes;
+SIGTERM/SIGINT stop). Start, stop and every reload are audited.
 """
 
 from __future__ import annotations
@@ -29,13 +31,14 @@ from rq.worker import Worker as RQWorker
 from node import config as config_mod
 from node import metrics
 from node.audit import Action, AuditError, AuditTrail, Outcome, open_trail
-from node.completion import Completion
+from node.completion import Completion, quiet_by_pipeline
 from node.config import Config, Pipeline
 from node.embedded_redis import EmbeddedRedis, pid_alive
 from node.enqueue import QUEUE_NAME, JobQueue, redis_client
 from node.errors import AinodeError, ConfigError
 from node.jobs import Scheduling, recover_worker, requeue_abandoned, worker_name
-from node.receive import Limits, Policy, Receiver, Server
+from node.ports import listening_ports
+from node.receive.process import DRAIN_S, ROLE as RECEIVE, Receiving
 from node.store import Storage, write_atomic
 from node.tls import server_context
 
@@ -43,12 +46,12 @@ logger = logging.getLogger(__name__)
 
 TICK_S = 0.25
 PURGE_EVERY_S = 3600.0
-DRAIN_S = 30.0
 WORKER_STOP_S = 60.0
 WORKER_RESTART_S = 5.0  # the first restart delay; doubles while a worker keeps dying at start
 WORKER_RESTART_MAX_S = 300.0
 WORKER_QUICK_EXIT_S = 60.0
 SCHEDULE_EVERY_S = 1.0
+RECEIVERS_READY_S = 30.0
 ABANDONED_EVERY_S = 10.0
 
 
@@ -73,17 +76,22 @@ class WorkerPool:
         self.pidfile = Path(cfg.node.storage) / "run" / "workers.json"
         # analysers -1: no workers here at all (they run elsewhere); the web process still runs beside the SCP
         workers = ["send"] + ["analyse"] * analysers if analysers >= 0 else []
-        self.roles = workers + (["web"] if cfg.web.enabled else [])
+        receivers = [RECEIVE] * cfg.node.receivers if cfg.node.receivers > 1 else []
+        self.roles = receivers + workers + (["web"] if cfg.web.enabled else [])
         self.log_level = log_level
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * len(self.roles)
         self.started_at = [0.0] * len(self.roles)
         self.retry_at = [0.0] * len(self.roles)
         self.failures = [0] * len(self.roles)  # exits soon after a start, in a row
 
-    def _command(self, role: str) -> list[str]:
+    def _command(self, role: str, index: int) -> list[str]:
         cmd = [sys.executable, "-m", "node", "--log-level", self.log_level]
         if self.cfg.source is not None:
             cmd += ["--config", str(self.cfg.source)]
+        if role == RECEIVE:  # the host and port this node was started with (serve --host/--port included)
+            return cmd + ["receive", "--index", str(index), "--host", self.cfg.node.host, "--port",
+                          str(self.cfg.node.port), "--storage", str(self.cfg.node.storage),
+                          "--supervised-by", str(os.getpid())]
         if role == "web":
             return cmd + ["web", "--storage", str(self.cfg.node.storage), "--supervised-by", str(os.getpid())]
         return cmd + ["worker", "--role", role, "--storage", str(self.cfg.node.storage),
@@ -141,12 +149,29 @@ class WorkerPool:
                     self.on_death(role, proc.pid, f"worker pid {proc.pid} {how}")
             if now < self.retry_at[i]:
                 continue
-            self.procs[i] = subprocess.Popen(self._command(role), stdin=subprocess.DEVNULL)
+            self.procs[i] = subprocess.Popen(self._command(role, i), stdin=subprocess.DEVNULL)
             self.started_at[i] = now
             self._record()
             logger.info("Worker %d (%s) started, pid %d", i, role, self.procs[i].pid)  # type: ignore[union-attr]
 
+    def running(self, role: str) -> list[subprocess.Popen[bytes]]:
+        return [p for r, p in zip(self.roles, self.procs) if r == role and p is not None and p.poll() is None]
+
+    def signal(self, role: str, sig: int) -> None:
+        for p in self.running(role):
+            p.send_signal(sig)
+
     def stop(self) -> None:
+        # the receiving processes first: they drain their associations while the workers still run
+        receivers = self.running(RECEIVE)
+        for p in receivers:
+            p.send_signal(signal.SIGTERM)
+        for p in receivers:
+            try:
+                p.wait(DRAIN_S + 10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
         live = [p for p in self.procs if p is not None and p.poll() is None]
         for p in live:
             p.send_signal(signal.SIGTERM)
@@ -193,8 +218,8 @@ class Node:
 
     def __init__(self, cfg: Config, workers: int = 1, log_level: str = "INFO") -> None:
         self.cfg = cfg
-        self.pool = (WorkerPool(cfg, workers, log_level, self._worker_died) if workers >= 0 or cfg.web.enabled
-                     else None)
+        self.pool = (WorkerPool(cfg, workers, log_level, self._worker_died)
+                     if workers >= 0 or cfg.web.enabled or cfg.node.receivers > 1 else None)
         self.scheduling: Scheduling | None = None
         self.next_schedule = 0.0
         self.next_abandoned = 0.0
@@ -203,7 +228,7 @@ class Node:
         self.next_purge = 0.0  # at the first tick, then hourly
         self.storage = Storage(cfg.node.storage)
         self.embedded: EmbeddedRedis | None = None
-        self.server: Server | None = None
+        self.receiving: Receiving | None = None  # None when receiving processes of their own receive
         self.audit: AuditTrail | None = None
 
     def start(self) -> None:
@@ -218,7 +243,7 @@ class Node:
         tls_context = server_context(cfg.tls, str(cfg.source or "config")) if cfg.tls.enabled else None
         self.redis, self.embedded = connect_redis(cfg)
         self.completion = Completion(self.storage, self.redis, cfg.completion, JobQueue(self.redis),
-                                     quiet_by_pipeline=_quiet_by_pipeline(cfg))
+                                     quiet_by_pipeline=quiet_by_pipeline(cfg))
         try:
             self.completion.reconcile()
         except OSError as exc:  # the completion loop tries again
@@ -227,21 +252,14 @@ class Node:
         # earlier nodes, all gone now (their workers died with them or were stopped above).
         self.scheduling = Scheduling(self.redis, clear_stale_locks=self.embedded is not None)
         self._recover_dead_workers()
-        self.policy = Policy(cfg.pipelines, cfg.callers)
-        self.receiver = Receiver(self.storage, self.completion, self.policy, cfg.node.min_free_mb, self.audit)
-        self.server = Server(self.receiver, Limits.of(cfg))
-        self.server.tls_context = tls_context
-        ports = []
-        if cfg.node.port:
-            self.server.listen(cfg.node.host, cfg.node.port)
-            ports.append(f"{cfg.node.host}:{cfg.node.port}")
-        if tls_context is not None:
-            self.server.listen(cfg.node.host, cfg.tls.port, tls=True)
-            required = ", client certificate required" if cfg.tls.require_client_cert else ""
-            ports.append(f"{cfg.node.host}:{cfg.tls.port} (TLS{required})")
+        if cfg.node.receivers == 1:
+            self.receiving = Receiving(cfg, self.storage, self.completion, self.audit)
+            ports = self.receiving.listen(cfg, tls_context)
+        else:
+            ports = self._start_receivers(tls_context is not None)
         if not cfg.callers:
             logger.warning("No [[callers]] configured: any calling AE title is accepted")
-        if self.pool is not None:
+        if self.pool is not None and cfg.node.receivers == 1:
             self.pool.check()
         free = self.storage.free_mb()
         if free < cfg.node.min_free_mb:
@@ -259,6 +277,34 @@ class Node:
             f" and syslog {self.audit.syslog.target}" if self.audit.syslog else "",
             "embedded" if self.embedded else _mask(cfg.redis.url),
         )
+
+    def _start_receivers(self, tls: bool) -> list[str]:
+        """Start ``[node] receivers`` receiving processes on the ports and wait until each listens."""
+        cfg = self.cfg
+        assert self.pool is not None
+        wanted = [("[node] port", cfg.node.port, False)] if cfg.node.port else []
+        if tls:
+            wanted.append(("[tls] port", cfg.tls.port, True))
+        listening = listening_ports() or set()
+        for key, port, _ in wanted:  # SO_REUSEPORT would share a port someone else listens on, silently
+            if port in listening:
+                raise ConfigError(f"{key}: cannot listen on {cfg.node.host}:{port}: something already listens there")
+        before = set(self.storage.ready_workers())
+        self.pool.check()  # every process: the receiving ones first
+        receivers = self.pool.running(RECEIVE)
+        deadline = time.monotonic() + RECEIVERS_READY_S
+        while True:
+            ready = [n for n in self.storage.ready_workers() if n.startswith(f"ainode-{RECEIVE}-") and n not in before]
+            if len(ready) >= len(receivers):
+                break
+            dead = [p for p in receivers if p.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                why = (f"exited with code {dead[0].returncode} (its reason is logged above)" if dead
+                       else f"did not listen within {RECEIVERS_READY_S:.0f} s")
+                raise AinodeError(f"a receiving process {why}")
+            time.sleep(0.05)
+        words = [f"{cfg.node.host}:{port}{' (TLS)' if is_tls else ''}" for _, port, is_tls in wanted]
+        return [f"{w}, {len(receivers)} receiving processes" for w in words[:1]] + words[1:]
 
     def run(self) -> None:
         """The completion loop, until a stop is requested."""
@@ -288,6 +334,8 @@ class Node:
     def _worker_died(self, role: str, pid: int, why: str) -> None:
         """A worker this node started died: recover its job now, not when rq would notice."""
         metrics.WORKER_DEATHS.labels(role).inc()
+        if role in (RECEIVE, "web"):
+            return  # no job to recover: the instances it acknowledged are on disk, the rest its peers send again
         try:
             recover_worker(self.redis, worker_name(role, pid), why, self._lost_run)
         except RedisError as exc:
@@ -352,7 +400,7 @@ class Node:
         try:
             new = config_mod.load(self.cfg.source)
             tls_context = (server_context(new.tls, str(new.source))
-                           if self.server and self.server.tls_context and new.tls.enabled else None)
+                           if self.receiving and self.receiving.server.tls_context and new.tls.enabled else None)
         except ConfigError as exc:
             logger.error("SIGHUP: config not reloaded, keeping the running one: %s", exc)
             self._audit_reload(True, Outcome.SERIOUS_FAILURE, f"config not reloaded: {exc}")
@@ -367,14 +415,15 @@ class Node:
                 logger.warning("SIGHUP: [tls] %s changed; it takes effect at the next restart", key)
         if new.audit != old.audit:
             logger.warning("SIGHUP: [audit] changed; it takes effect at the next restart")
-        assert self.server is not None
-        if tls_context is not None:
-            self.server.tls_context = tls_context  # new connections get the new certificate, key and CA
-        self.policy.update(new.pipelines, new.callers)
-        self.server.limits = Limits.of(new)
-        self.receiver.min_free_mb = new.node.min_free_mb
-        self.completion.update_config(new.completion, _quiet_by_pipeline(new))
-        kept = replace(new.node, host=old.node.host, port=old.node.port, storage=old.node.storage)
+        if new.node.receivers != old.node.receivers:
+            logger.warning("SIGHUP: [node] receivers changed; it takes effect at the next restart")
+        if self.receiving is not None:
+            self.receiving.apply(new, tls_context)  # new connections get the new certificate, key and CA
+        elif self.pool is not None:
+            self.pool.signal(RECEIVE, signal.SIGHUP)  # each receiving process reloads the same file
+        self.completion.update_config(new.completion, quiet_by_pipeline(new))
+        kept = replace(new.node, host=old.node.host, port=old.node.port, storage=old.node.storage,
+                       receivers=old.node.receivers)
         tls = replace(new.tls, enabled=old.tls.enabled, port=old.tls.port)
         self.cfg = replace(new, node=kept, redis=old.redis, tls=tls, audit=old.audit)
         security = ((new.pipelines, new.callers, new.tls) != (old.pipelines, old.callers, old.tls))
@@ -393,21 +442,9 @@ class Node:
 
     def stop(self) -> None:
         """Stop accepting, let open associations finish (bounded), stop Redis, audit the stop."""
-        server = self.server
-        if server is not None:
-            server.stop_listening()
-            deadline = time.monotonic() + DRAIN_S
-            while server.open_connections and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if server.open_connections:
-                logger.warning("Aborting %d connection(s) still open at stop", server.abort_all())
-                deadline = time.monotonic() + 2.0
-                while server.open_connections and time.monotonic() < deadline:
-                    time.sleep(0.05)
-            self.server = None
-            completion = getattr(self, "completion", None)
-            if completion is not None:
-                completion.flush()  # the timers of the last instances stored
+        if self.receiving is not None:
+            self.receiving.stop(DRAIN_S)
+            self.receiving = None
         if self.pool is not None:
             self.pool.stop()
         if self.scheduling is not None:
@@ -438,13 +475,6 @@ class Node:
 
 def _pipeline_words(p: Pipeline) -> str:
     return f"{p.name} ({'store and forward' if p.forwards else 'analyse'} to {', '.join(p.destinations) or 'nowhere'})"
-
-
-def _quiet_by_pipeline(cfg: Config) -> dict[str, float]:
-    """Each pipeline's quiet period, by the name its studies' revisions carry ("" for ainode 0.1's)."""
-    quiet = {p.name: cfg.quiet_seconds(p) for p in cfg.pipelines}
-    quiet[""] = cfg.quiet_seconds(cfg.pipelines[0])
-    return quiet
 
 
 def _version() -> str:

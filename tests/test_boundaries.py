@@ -11,7 +11,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 HEAVY = {"onnxruntime", "tensorflow", "tf2onnx", "highdicom", "keras", "torch"}
 WEB = {"starlette", "uvicorn", "anyio"}
-RECEIVE_PATH = ["node.config", "node.receive", "node.store", "node.completion", "node.enqueue", "node.serve", "node.cli"]
+RECEIVE_PATH = ["node.config", "node.receive", "node.receive.process", "node.ports", "node.store", "node.completion",
+                "node.enqueue", "node.serve", "node.cli"]
 
 
 def imports_of(path: Path) -> set[str]:

@@ -194,7 +194,7 @@ def test_healthz_answers_alone_and_metrics_say_redis_is_down(tmp_path):
 def test_listening_ports_are_read_from_the_kernel():
     import socket
 
-    from node.web.health import listening_ports
+    from node.ports import listening_ports
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -15,6 +15,9 @@ The flow of one connection, module by module:
 - :mod:`~node.receive.instance` with :mod:`~node.receive.dataset`: the
   received data set walked for structure and its UIDs, committed durably
   (fsync'd, renamed, audited) before Success, the completion timer noted.
+- :mod:`~node.receive.process`: all of it as one :class:`Receiving`, run by
+  the node itself or, with ``[node] receivers`` > 1, by that many receiving
+  processes sharing the port (SO_REUSEPORT).
 """
 
 from node.receive.instance import Receiver

@@ -108,14 +108,18 @@ class Server:
 
     # --- listening -----------------------------------------------------------------------
 
-    def listen(self, host: str, port: int, tls: bool = False) -> int:
+    def listen(self, host: str, port: int, tls: bool = False, reuse_port: bool = False) -> int:
         """Listen on (host, port) (TLS with ``self.tls_context``); returns the port bound.
 
-        Raises ConfigError naming the key and the address when it cannot (in use, not this host's).
+        ``reuse_port``: SO_REUSEPORT, so that several receiving processes share the port (the kernel
+        spreads new connections over them). Raises ConfigError naming the key and the address when it
+        cannot (in use, not this host's).
         """
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             sock.bind((host, port))
             sock.listen(128)

@@ -28,6 +28,7 @@ from node import __version__
 from node.config import Config
 from node.embedded_redis import pid_alive
 from node.jobs import QUEUES
+from node.ports import listening_ports
 from node.store import Storage
 
 logger = logging.getLogger(__name__)
@@ -42,29 +43,6 @@ class Check:
 
     def to_json(self) -> dict[str, Any]:
         return {"ok": self.ok, "detail": self.detail}
-
-
-#: The kernel's TCP socket tables and the state number of a listening socket in them.
-PROC_TCP = ("/proc/net/tcp", "/proc/net/tcp6")
-TCP_LISTEN = "0A"
-
-
-def listening_ports() -> set[int] | None:
-    """The local TCP ports some socket listens on (this network namespace), or None without /proc."""
-    ports: set[int] = set()
-    found = False
-    for table in PROC_TCP:
-        try:
-            with open(table, encoding="ascii") as f:
-                lines = f.read().splitlines()[1:]
-        except OSError:
-            continue
-        found = True
-        for line in lines:
-            fields = line.split()
-            if len(fields) > 3 and fields[3] == TCP_LISTEN:
-                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports if found else None
 
 
 def live_workers(redis: Redis | None, storage: Storage) -> dict[str, list[str]]:
