@@ -230,6 +230,15 @@ def test_an_admin_retries_a_dead_letter_from_the_page(nodes, test_model, lung1_s
         assert status == 200 and "1 delivery(ies) queued to gone" in page
         wait_until(lambda: json.loads(state.read_text())["status"] == "sent", 60, "the retried delivery")
         assert len(list(tmp_path.iterdir())) == 1  # the SR
+        # a destination added since the web process started: the page sends to it too
+        subprocess.run([sys.executable, "-m", "node", "--config", str(node.config), "dest", "add", "again", "--ae",
+                        "GONE", "--host", "127.0.0.1", "--port", str(pacs_port), "--objects", "sr"], check=True,
+                       capture_output=True)
+        status, page = admin.request(f"/studies/{study}/resend", {"csrf": admin.csrf(f"/studies/{study}"),
+                                                                  "dest": "again"})
+        assert status == 200 and "1 delivery(ies) queued to again" in page
+        again = state.with_name("rev-0001.send-again.json")
+        wait_until(lambda: again.exists() and json.loads(again.read_text())["status"] == "sent", 60, "the new one")
     finally:
         stop_process(scp)
     trail = (node.storage / "audit.jsonl").read_text()

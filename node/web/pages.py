@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import secrets
 import threading
 import time
@@ -38,6 +39,8 @@ from node.results.facts import percent
 from node.store import Storage, check_uid
 from node.users import User, Users
 
+logger = logging.getLogger(__name__)
+
 COOKIE = "ainode_session"
 IDLE_S = 8 * 3600
 PAGE_SIZE = 50
@@ -59,6 +62,7 @@ class Session:
 class Pages:
     def __init__(self, cfg: Config, redis: Any, audit: AuditTrail) -> None:
         self.cfg = cfg
+        self._cfg_mtime = _mtime(cfg.source)
         self.redis = redis
         self.audit = audit
         self.storage = Storage(cfg.node.storage)
@@ -203,7 +207,7 @@ class Pages:
                 message, revision = f"revision {rev.revision} queued", rev.revision
             elif what == "resend":
                 dest = str((await request.form()).get("dest", "")) or None  # one destination (a dead letter)
-                jobs = await run_in_threadpool(resend, self.storage, self.cfg, self.redis, uid, dest)
+                jobs = await run_in_threadpool(resend, self.storage, self._config(), self.redis, uid, dest)
                 message = f"{len(jobs)} delivery(ies) queued" + (f" to {dest}" if dest else "")
                 revision = self.storage.revisions(uid)[-1]
             else:
@@ -237,6 +241,25 @@ class Pages:
 
     # --- helpers ---------------------------------------------------------------------------------
 
+    def _config(self) -> Config:
+        """The config, read again when its file changed (an admin added a destination or a pipeline since):
+        what a resend from the page sends to. Storage, Redis and [web] stay as the process started."""
+        mtime = _mtime(self.cfg.source)
+        if mtime != self._cfg_mtime and self.cfg.source is not None:
+            from dataclasses import replace
+
+            from node import config as config_mod
+            from node.errors import AinodeError
+
+            try:
+                new = config_mod.load(self.cfg.source)
+                self.cfg = replace(new, node=replace(new.node, storage=self.cfg.node.storage), redis=self.cfg.redis,
+                                   web=self.cfg.web)
+            except AinodeError as exc:
+                logger.error("Config %s not re-read, keeping the running one: %s", self.cfg.source, exc)
+            self._cfg_mtime = mtime
+        return self.cfg
+
     async def _csrf_ok(self, request: Request, s: Session) -> bool:
         form = await request.form()
         return hmac.compare_digest(str(form.get("csrf", "")), s.csrf)
@@ -250,7 +273,7 @@ class Pages:
 
     def _rows(self, state: str | None, since: float | None = None) -> list[Any]:
         with self._cache_lock:  # one request at a time refreshes the cache
-            rows = self.cache.states(self.storage, self.cfg, self.redis)
+            rows = self.cache.states(self.storage, self._config(), self.redis)
         return [r for r in rows if (not state or r.state == state) and (since is None or (r.last_at or 0) >= since)]
 
     def _headers(self, rows: list[Any]) -> list[dict[str, str]]:
@@ -278,7 +301,7 @@ class Pages:
         return out
 
     def _study(self, uid: str) -> tuple[Any, list[tuple[float, str]], dict[str, Any] | None]:
-        st = study_state(self.storage, self.cfg, self.redis, uid)
+        st = study_state(self.storage, self._config(), self.redis, uid)
         outcome = self.storage.read_outcome(uid, st.revision) if st.revision else None
         return st, timeline(self.storage, self.cfg.audit_path, uid), outcome
 
@@ -326,6 +349,13 @@ def _since(text: str) -> tuple[float | None, str | None]:
         return parse_since(text), None
     except ValueError as exc:
         return None, str(exc)
+
+
+def _mtime(path: Path | None) -> float | None:
+    try:
+        return path.stat().st_mtime if path is not None else None
+    except OSError:
+        return None
 
 
 def _sr_name(outcome: dict[str, Any]) -> str | None:
