@@ -203,6 +203,17 @@ class StateCache:
             pass
         return out
 
+    @staticmethod
+    def _series_mtimes(folder: str) -> list[int]:
+        """The mtimes of a study folder's subfolders (its series), sorted: part of the study's signature.
+        The hot loop of a 10 000-study page: plain strings, no pathlib, no name check."""
+        try:
+            with os.scandir(folder) as entries:
+                return sorted(e.stat(follow_symlinks=False).st_mtime_ns for e in entries
+                              if e.is_dir(follow_symlinks=False))
+        except OSError:
+            return []
+
     def states(self, storage: Storage, cfg: Config, redis: Redis | None) -> list[StudyState]:
         if redis is not None:
             try:
@@ -211,9 +222,10 @@ class StateCache:
                 redis = None
         studies = self._mtimes(storage.studies)
         states = self._mtimes(storage.state)
+        base = str(storage.studies) + os.sep
         out = []
         for uid, study_mtime in studies.items():
-            sig = (states.get(uid, 0), study_mtime, *sorted(self._mtimes(storage.studies / uid).values()))
+            sig = (states.get(uid, 0), study_mtime, *self._series_mtimes(base + uid))
             kept = self._states.get(uid)
             if kept is not None and kept[0] == sig:
                 out.append(kept[1])
