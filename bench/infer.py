@@ -63,7 +63,7 @@ def stage_run(slices: int, model: str, device: str = "auto") -> dict[str, Any]:
         storage.prepare()
         study = store_series(storage, files, 1)
         cfg = Config(node=NodeConfig(storage=storage.root), model=ModelConfig(path=model, device=device),
-                     destinations=(Destination("pacs", "PACS", "127.0.0.1", 104),))  # all three objects
+                     destinations=(Destination("pacs", ae_title="PACS", host="127.0.0.1", port=104),))  # all three objects
         ctx = WorkerContext(cfg, storage, redis_client("redis://127.0.0.1:1/0", timeout=0.1, retries=0))
         set_context(ctx)
         t0 = time.monotonic()
@@ -76,7 +76,7 @@ def stage_run(slices: int, model: str, device: str = "auto") -> dict[str, Any]:
         from node.worker import _analyse  # the job's own code path, SR included
 
         t0 = time.monotonic()
-        outcome = _analyse(ctx, study, 1)
+        outcome = _analyse(ctx, study, 1, cfg.pipelines[0])
         job_s = time.monotonic() - t0
         sec = outcome["seconds"]
         objects = sec["objects"]
