@@ -212,7 +212,8 @@ def test_a_disk_that_fills_between_store_and_completion_pauses_the_node_not_stop
     assert not node.revisions(study)
     filler.unlink()
     wait_until(lambda: node.revisions(study), 20, "the study to complete once space is back")
-    assert "Storage can be written again" in node.log_text()
+    # said once the revision is written and queued: a moment after its file appears
+    wait_until(lambda: "Storage can be written again" in node.log_text(), 10, "the node to say space is back")
     studies = node.storage / "studies"
     assert all(any(d.iterdir()) for d in studies.iterdir())  # the refused instance left no empty folder
 
