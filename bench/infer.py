@@ -76,7 +76,7 @@ def stage_run(slices: int, model: str, device: str = "auto") -> dict[str, Any]:
         from node.worker import _analyse  # the job's own code path, SR included
 
         t0 = time.monotonic()
-        outcome = _analyse(ctx, study, 1, cfg.pipelines[0])
+        outcome = _analyse(ctx, storage.read_revision(study, 1), cfg.pipelines[0])
         job_s = time.monotonic() - t0
         sec = outcome["seconds"]
         objects = sec["objects"]

@@ -204,9 +204,11 @@ class Ainode(Receiver):
         if receivers > 1:
             self.name = f"ainode-r{receivers}"
 
+    web_port = 0  # [web] off
+
     def start(self) -> None:
         self.node = NodeProcess(self.workdir, quiet=600, max_wait=1200, workers=-1,  # no analysis workers
-                                node_config=f"receivers = {self.receivers}")
+                                node_config=f"receivers = {self.receivers}", web_port=self.web_port)
         self.port = self.node.port
         self.node.start()
         assert self.node.proc is not None
@@ -243,13 +245,9 @@ class AinodeWeb(Ainode):
         import threading
         import urllib.request
 
-        web_port = free_port()
-        self.node = NodeProcess(self.workdir, quiet=600, max_wait=1200, workers=-1, web_port=web_port)
-        self.port = self.node.port
-        self.node.start()
-        assert self.node.proc is not None
-        wait_ready(self.aet, self.port, self.node.proc, "ainode")
-        base = f"http://127.0.0.1:{web_port}"
+        self.web_port = free_port()
+        super().start()
+        base = f"http://127.0.0.1:{self.web_port}"
         self.scrapes, self._stop = 0, threading.Event()
 
         def get(path: str) -> bool:

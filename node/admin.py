@@ -46,6 +46,7 @@ STATUS_SUCCESS = 0x0000
 CALLERS = "callers"
 DESTINATIONS = "destinations"
 PIPELINES = "pipelines"
+CARDS = "the model card's"
 
 Command = Callable[[argparse.Namespace], int]
 Change = Callable[[TOMLDocument], "str | None"]
@@ -419,18 +420,6 @@ def cmd_dest_remove(args: argparse.Namespace) -> int:
 # pipeline
 
 
-def _pipeline_words(cfg: config.Config, pl: config.Pipeline) -> str:
-    if pl.forwards:
-        what = "store and forward"
-    else:
-        threshold = cfg.threshold(pl)
-        model = cfg.model_path(pl) or "bundled model"
-        what = f"analyse with {model}, threshold {'the card' + chr(39) + 's' if threshold is None else f'{threshold:g}'}"
-    callers = ", ".join(pl.callers) if pl.callers else "every allowed caller"
-    return (f"{pl.name}: {what}; series {pl.series}; quiet {cfg.quiet_seconds(pl):g} s; from {callers}; "
-            f"to {', '.join(pl.destinations) or 'nowhere'}")
-
-
 def cmd_pipeline_list(args: argparse.Namespace) -> int:
     """Print the pipelines, one line each."""
     cfg = config.load(args.config)
@@ -438,7 +427,7 @@ def cmd_pipeline_list(args: argparse.Namespace) -> int:
         print(f"One pipeline, from [node] ae_title, [model], [series] and every destination "
               f"({cfg.source or 'built-in defaults'}):")
     for pl in cfg.pipelines:
-        print(f"  {_pipeline_words(cfg, pl)}")
+        print(f"  {cfg.describe(pl)}")
     return EXIT_OK
 
 
@@ -456,7 +445,7 @@ def cmd_pipeline_show(args: argparse.Namespace) -> int:
     else:
         print(f"  model:           {_model_summary(cfg, pl)}")
         threshold = cfg.threshold(pl)
-        print(f"  threshold:       {'the model card' + chr(39) + 's' if threshold is None else f'{threshold:g}'}")
+        print(f"  threshold:       {CARDS if threshold is None else f'{threshold:g}'}")
     rules = cfg.rules(pl)
     print(f"  series:          {pl.series}: {', '.join(f'{k}={v}' for k, v in rules.__dict__.items())}")
     print(f"  quiet period:    {cfg.quiet_seconds(pl):g} s (at most {cfg.completion.max_wait_seconds:g} s)")
@@ -505,7 +494,7 @@ def cmd_pipeline_add(args: argparse.Namespace) -> int:
         print(f"Wrote the node's pipeline {kept[0]} ([node] ae_title, every destination) as [[pipelines]] too, "
               "so it keeps working.")
     cfg = config.load(path)
-    print(f"Added pipeline {_pipeline_words(cfg, cfg.pipeline(values['ae_title']))} to {path}.")  # type: ignore[arg-type]
+    print(f"Added pipeline {cfg.describe(cfg.pipeline(values['ae_title']))} to {path}.")  # type: ignore[arg-type]
     print(RELOAD_HINT)
     return EXIT_OK
 
@@ -589,22 +578,29 @@ def echo(calling_ae: str, dest: Destination, timeout: float, tls: TLSConfig | No
     return EchoResult(True, f"C-ECHO success (0x{STATUS_SUCCESS:04X})", elapsed)
 
 
-def _connect_problem(dest: Destination, timeout: float, tls_args: Any = None) -> str:
-    """Why no association answer came from ``dest``: try one TCP connection
-    (and TLS handshake), as pynetdicom does not say whether connecting failed, or why."""
+def _reach_problem(host: str, port: int, timeout: float, tls_args: Any = None) -> str | None:
+    """Why one TCP connection (and TLS handshake) to ``host:port`` fails, in words, or None when it succeeds."""
     if tls_args is not None:
         from node.tls import handshake_problem
 
-        if (problem := handshake_problem(dest.host, dest.port, tls_args, timeout)) is not None:
-            return problem
+        return handshake_problem(host, port, tls_args, timeout)
     try:
-        with socket.create_connection((dest.host, dest.port), timeout=timeout):
-            return (f"{dest.host}:{dest.port} did not accept the association within {timeout:g} s"
-                    " (no answer, or it aborted or closed the connection)")
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
     except socket.timeout:
-        return f"cannot connect to {dest.host}:{dest.port}: timed out after {timeout:g} s"
+        return f"cannot connect to {host}:{port}: timed out after {timeout:g} s"
     except OSError as exc:
-        return f"cannot connect to {dest.host}:{dest.port}: {exc.strerror or exc}"
+        return f"cannot connect to {host}:{port}: {exc.strerror or exc}"
+
+
+def _connect_problem(dest: Destination, timeout: float, tls_args: Any = None) -> str:
+    """Why no association answer came from ``dest``: try one TCP connection
+    (and TLS handshake), as pynetdicom does not say whether connecting failed, or why."""
+    problem = _reach_problem(dest.host, dest.port, timeout, tls_args)
+    if problem is not None:
+        return problem
+    return (f"{dest.host}:{dest.port} did not accept the association within {timeout:g} s"
+            " (no answer, or it aborted or closed the connection)")
 
 
 def _probe_dicomweb(calling_ae: str, dest: Destination, timeout: float, tls: TLSConfig | None = None) -> EchoResult:
@@ -623,17 +619,7 @@ def _probe_hl7(calling_ae: str, dest: Destination, timeout: float, tls: TLSConfi
         from node.tls import tls_args as make_tls_args
 
         tls_args = make_tls_args(tls or TLSConfig(), dest.host)
-        from node.tls import handshake_problem
-
-        problem = handshake_problem(dest.host, dest.port, tls_args, timeout)
-    else:
-        try:
-            with socket.create_connection((dest.host, dest.port), timeout=timeout):
-                problem = None
-        except socket.timeout:
-            problem = f"cannot connect to {dest.host}:{dest.port}: timed out after {timeout:g} s"
-        except OSError as exc:
-            problem = f"cannot connect to {dest.host}:{dest.port}: {exc.strerror or exc}"
+    problem = _reach_problem(dest.host, dest.port, timeout, tls_args)
     elapsed = int((time.monotonic() - started) * 1000)
     if problem is not None:
         return EchoResult(False, problem, elapsed)
@@ -703,7 +689,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     print(f"  audit:        {audit}")
     if cfg.declared_pipelines:
         for pl in cfg.pipelines:
-            print(f"  pipeline:     {_pipeline_words(cfg, pl)}")
+            print(f"  pipeline:     {cfg.describe(pl)}")
             if not pl.forwards:
                 print(f"                model {models[pl.name]}")
     else:

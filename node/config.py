@@ -358,6 +358,18 @@ class Config:
     def quiet_seconds(self, pipeline: Pipeline) -> float:
         return pipeline.quiet_seconds if pipeline.quiet_seconds is not None else self.completion.quiet_seconds
 
+    def describe(self, pipeline: Pipeline) -> str:
+        """A pipeline in one line, as resolved: what it does, with which model and threshold, from whom, to where."""
+        if pipeline.forwards:
+            what = "store and forward"
+        else:
+            threshold = self.threshold(pipeline)
+            limit = "the card's" if threshold is None else f"{threshold:g}"
+            what = f"analyse with {self.model_path(pipeline) or 'bundled model'}, threshold {limit}"
+        callers = ", ".join(pipeline.callers) if pipeline.callers else "every allowed caller"
+        return (f"{pipeline.name}: {what}; series {pipeline.series}; quiet {self.quiet_seconds(pipeline):g} s; "
+                f"from {callers}; to {', '.join(pipeline.destinations) or 'nowhere'}")
+
     def destinations_of(self, pipeline: Pipeline) -> tuple[Destination, ...]:
         """The destinations of a pipeline, as configured now (one removed since is left out)."""
         return tuple(d for name in pipeline.destinations if (d := self.destination(name)) is not None)
@@ -785,6 +797,35 @@ def read_text(path: Path) -> str:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
+
+
+def kept_for_restart(old: Config, new: Config) -> Config:
+    """``new`` with what only a restart changes taken from ``old``: where the node listens and stores, its
+    receiving processes, Redis, TLS on or off and its port, the audit trail (what a SIGHUP keeps)."""
+    node = replace(new.node, host=old.node.host, port=old.node.port, storage=old.node.storage,
+                   receivers=old.node.receivers)
+    tls = replace(new.tls, enabled=old.tls.enabled, port=old.tls.port)
+    return replace(new, node=node, redis=old.redis, tls=tls, audit=old.audit)
+
+
+def reread(cfg: Config, seen: float | None) -> tuple[Config | None, float | None]:
+    """For a process no SIGHUP reaches (a worker, the web page): ``cfg``'s file loaded again if its
+    modification time is no longer ``seen``, else None; and the time now seen. A file that no longer
+    validates (or cannot be read) is logged and gives None: the running config is kept."""
+    if cfg.source is None:
+        return None, seen
+    try:
+        mtime = cfg.source.stat().st_mtime
+    except OSError as exc:
+        logger.error("Config %s not re-read, keeping the running one: %s", cfg.source, exc.strerror or exc)
+        return None, seen
+    if mtime == seen:
+        return None, seen
+    try:
+        return load(cfg.source), mtime
+    except ConfigError as exc:
+        logger.error("Config %s not re-read, keeping the running one: %s", cfg.source, exc)
+        return None, mtime
 
 
 def load(path: str | os.PathLike[str] | None = None) -> Config:

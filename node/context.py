@@ -20,7 +20,6 @@ from node import __version__
 from node.audit import AuditTrail, open_trail
 from node.config import Config, Pipeline
 from node.enqueue import redis_client
-from node.errors import AinodeError
 from node.store import Storage
 
 if TYPE_CHECKING:
@@ -38,7 +37,7 @@ class WorkerContext:
     storage: Storage
     redis: Redis
     _models: dict[str, Any] = field(default_factory=dict, repr=False)  # resolved model path -> Model
-    _mtime: float = 0.0
+    _mtime: float | None = None
     _audit: AuditTrail | None = field(default=None, repr=False)
     role: str = "analyse"
 
@@ -57,19 +56,11 @@ class WorkerContext:
         models: each is loaded on its first job); a file that no longer
         validates is logged and the running config kept.
         """
-        source = self.cfg.source
-        if source is None:
-            return self.cfg
-        try:
-            mtime = source.stat().st_mtime
-            if mtime != self._mtime:
-                from node import config
+        from node.config import reread
 
-                new = config.load(source)
-                self.cfg = replace(new, node=self.cfg.node, redis=self.cfg.redis, model=self.cfg.model)
-                self._mtime = mtime
-        except (OSError, AinodeError) as exc:
-            logger.error("Config %s not re-read, keeping the running one: %s", source, exc)
+        new, self._mtime = reread(self.cfg, self._mtime)
+        if new is not None:
+            self.cfg = replace(new, node=self.cfg.node, redis=self.cfg.redis, model=self.cfg.model)
         return self.cfg
 
     @property

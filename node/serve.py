@@ -18,7 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 from typing import Callable
@@ -32,19 +31,18 @@ from node import config as config_mod
 from node import metrics
 from node.audit import Action, AuditError, AuditTrail, Outcome, open_trail
 from node.completion import Completion, quiet_by_pipeline
-from node.config import Config, Pipeline
+from node.config import Config
 from node.embedded_redis import EmbeddedRedis, pid_alive
 from node.enqueue import QUEUE_NAME, JobQueue, redis_client
 from node.errors import AinodeError, ConfigError
 from node.jobs import Scheduling, recover_worker, requeue_abandoned, worker_name
 from node.ports import listening_ports
-from node.receive.process import DRAIN_S, ROLE as RECEIVE, Receiving
+from node.receive.process import DRAIN_S, ROLE as RECEIVE, TICK_S, Receiving
 from node.store import Storage, write_atomic
 from node.tls import server_context
 
 logger = logging.getLogger(__name__)
 
-TICK_S = 0.25
 PURGE_EVERY_S = 3600.0
 WORKER_STOP_S = 60.0
 WORKER_RESTART_S = 5.0  # the first restart delay; doubles while a worker keeps dying at start
@@ -272,7 +270,7 @@ class Node:
                          "cannot be written", exc)
         logger.info(
             "ainode listening as %s on %s, storage %s, audit %s%s, Redis %s",
-            ", ".join(_pipeline_words(p) for p in cfg.pipelines) if cfg.declared_pipelines else cfg.node.ae_title,
+            "; ".join(cfg.describe(p) for p in cfg.pipelines) if cfg.declared_pipelines else cfg.node.ae_title,
             " and ".join(ports), cfg.node.storage, cfg.audit_path,
             f" and syslog {self.audit.syslog.target}" if self.audit.syslog else "",
             "embedded" if self.embedded else _mask(cfg.redis.url),
@@ -422,10 +420,7 @@ class Node:
         elif self.pool is not None:
             self.pool.signal(RECEIVE, signal.SIGHUP)  # each receiving process reloads the same file
         self.completion.update_config(new.completion, quiet_by_pipeline(new))
-        kept = replace(new.node, host=old.node.host, port=old.node.port, storage=old.node.storage,
-                       receivers=old.node.receivers)
-        tls = replace(new.tls, enabled=old.tls.enabled, port=old.tls.port)
-        self.cfg = replace(new, node=kept, redis=old.redis, tls=tls, audit=old.audit)
+        self.cfg = config_mod.kept_for_restart(old, new)
         security = ((new.pipelines, new.callers, new.tls) != (old.pipelines, old.callers, old.tls))
         what = (f"{len(new.pipelines)} pipeline{'s' if len(new.pipelines) > 1 else ''} "
                 f"({', '.join(p.name for p in new.pipelines)}), {len(new.callers)} callers, "
@@ -471,10 +466,6 @@ class Node:
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_hup)
-
-
-def _pipeline_words(p: Pipeline) -> str:
-    return f"{p.name} ({'store and forward' if p.forwards else 'analyse'} to {', '.join(p.destinations) or 'nowhere'})"
 
 
 def _version() -> str:

@@ -39,7 +39,7 @@ from node.jobs import EXECUTION_TTL_S, HEARTBEAT_S, die_with, worker_name
 from node.results.facts import Finding, KeyImage, ModelInfo, Result, SourceImage
 from node.results.objects import all_kinds, ensure_object
 from node.send import SEND_QUEUE, SendError, enqueue_send
-from node.store import Storage
+from node.store import Revision, Storage
 
 if TYPE_CHECKING:
     from node.infer import Analysis
@@ -77,9 +77,9 @@ def analyse_study(study_uid: str, revision: int) -> str:
                 outcome = storage.write_outcome(study_uid, revision, "failed", pipeline=named,
                                                 reason=f"pipeline {named} is no longer configured")
             elif pipeline.forwards:
-                outcome = _forward(ctx, study_uid, revision, pipeline)
+                outcome = _forward(ctx, rev, pipeline)
             else:
-                outcome = _analyse(ctx, study_uid, revision, pipeline)
+                outcome = _analyse(ctx, rev, pipeline)
         except Exception as exc:  # transient (I/O, a worker problem): rq retries; the last try records why
             job = get_current_job()
             last = job is None or not job.retries_left
@@ -99,10 +99,10 @@ def analyse_study(study_uid: str, revision: int) -> str:
     return str(outcome["status"])
 
 
-def _forward(ctx: WorkerContext, study_uid: str, revision: int, pipeline: Pipeline) -> dict[str, Any]:
+def _forward(ctx: WorkerContext, rev: Revision, pipeline: Pipeline) -> dict[str, Any]:
     """Store and forward: the revision's instances that no earlier revision forwarded are to be sent on."""
     storage = ctx.storage
-    rev = storage.read_revision(study_uid, revision)
+    study_uid, revision = rev.study_uid, rev.revision
     earlier = set()
     for r in storage.revisions(study_uid):
         if r < revision and (prior := storage.read_outcome(study_uid, r)) and prior["status"] == "forwarded":
@@ -160,12 +160,12 @@ def make_result(
     )
 
 
-def _analyse(ctx: WorkerContext, study_uid: str, revision: int, pipeline: Pipeline) -> dict[str, Any]:
+def _analyse(ctx: WorkerContext, rev: Revision, pipeline: Pipeline) -> dict[str, Any]:
     from node import volume
 
     storage = ctx.storage
+    study_uid, revision = rev.study_uid, rev.revision
     started = time.monotonic()
-    rev = storage.read_revision(study_uid, revision)
     paths = [storage.instance_path(study_uid, series, sop) for sop, series in sorted(rev.instances.items())]
     paths = [p for p in paths if p.exists()]
     try:

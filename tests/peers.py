@@ -432,7 +432,8 @@ class Orthanc:
             self.log.close()
 
 
-DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+PLUGIN_DIR = Path("/usr/share/orthanc/plugins")  # Debian's orthanc and orthanc-dicomweb packages
+DICOMWEB_PLUGIN = PLUGIN_DIR / "libOrthancDicomWeb.so"
 
 
 class DicomWebOrthanc(Orthanc):

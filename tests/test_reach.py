@@ -23,12 +23,12 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from tests.peers import (DicomWebOrthanc, NodeProcess, dcmtk_env, echoscu, free_port, have, scu_store, short_tmp,
-                         stop_process, storescu, wait_until)
+from tests.peers import (DICOMWEB_PLUGIN, DicomWebOrthanc, NodeProcess, dcmtk_env, echoscu, free_port, have,
+                         scu_store, short_tmp, stop_process, storescu, wait_until)
 from tests.test_hl7 import ORU, Answer, mllp_server
 
 pytestmark = pytest.mark.skipif(
-    not (have("storescu") and have("storescp") and have("Orthanc")),
+    not (have("storescu") and have("storescp") and have("Orthanc") and DICOMWEB_PLUGIN.is_file()),
     reason="needs DCMTK and Orthanc with its DICOMweb plugin (apt-get install dcmtk orthanc orthanc-dicomweb)",
 )
 

@@ -81,20 +81,27 @@ def test_an_admin_reanalyses_from_the_page_and_a_viewer_cannot(nodes, test_model
         pacs.stop()
 
 
-def _session(nodes, test_model, lung1_series, pacs) -> None:
+def node_with_page(nodes, test_model, destination: str, ae: str, port: int, send: str = "") -> tuple[NodeProcess, str]:
+    """A node with the test model, one destination (the SR only), the web page and its two users; started.
+    Returns it and the page's base URL."""
     web_port = free_port()
-    extra = (f'[model]\npath = "{test_model}"\ndevice = "cpu"\n'
-             f'[[destinations]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = {pacs.port}\n'
+    extra = (f'[model]\npath = "{test_model}"\ndevice = "cpu"\n{send}'
+             f'[[destinations]]\nname = "{destination}"\nae_title = "{ae}"\nhost = "127.0.0.1"\nport = {port}\n'
              'objects = ["sr"]\n')
     node = NodeProcess(short_tmp(), quiet=1.0, workers=1, extra_config=extra, web_port=web_port)
     nodes.append(node)
     add_user(node, *ADMIN, "admin")
     add_user(node, *VIEWER, "viewer")
-    assert oct((node.storage / "users.json").stat().st_mode & 0o777) == "0o600"
-    assert "a long admin passphrase" not in (node.storage / "users.json").read_text()
     node.start()
     base = f"http://127.0.0.1:{web_port}"
     wait_until(lambda: Browser(base).request("/healthz")[0] == 200, 30, "the web process")
+    return node, base
+
+
+def _session(nodes, test_model, lung1_series, pacs) -> None:
+    node, base = node_with_page(nodes, test_model, "pacs", "ORTHANC", pacs.port)
+    assert oct((node.storage / "users.json").stat().st_mode & 0o777) == "0o600"
+    assert "a long admin passphrase" not in (node.storage / "users.json").read_text()
     assert storescu(lung1_series, node.port).returncode == 0
     study = str(pydicom.dcmread(lung1_series[0], stop_before_pixels=True).StudyInstanceUID)
     wait_until(lambda: pacs.instances_of_study(study, "SR"), 90, "the SR at the PACS")
@@ -194,18 +201,9 @@ def _admin_session(base: str, study: str, shots: Path) -> dict:
 def test_an_admin_retries_a_dead_letter_from_the_page(nodes, test_model, lung1_series, tmp_path):
     from tests.peers import dcmtk_env, stop_process
 
-    web_port, pacs_port = free_port(), free_port()  # nothing listens on pacs_port yet: every try fails
-    extra = (f'[model]\npath = "{test_model}"\ndevice = "cpu"\n'
-             "[send]\nretry_hours = 0.0003\nretry_first_seconds = 1\ntimeout_seconds = 2\n"
-             f'[[destinations]]\nname = "gone"\nae_title = "GONE"\nhost = "127.0.0.1"\nport = {pacs_port}\n'
-             'objects = ["sr"]\n')
-    node = NodeProcess(short_tmp(), quiet=1.0, workers=1, extra_config=extra, web_port=web_port)
-    nodes.append(node)
-    add_user(node, *ADMIN, "admin")
-    add_user(node, *VIEWER, "viewer")
-    node.start()
-    base = f"http://127.0.0.1:{web_port}"
-    wait_until(lambda: Browser(base).request("/healthz")[0] == 200, 30, "the web process")
+    pacs_port = free_port()  # nothing listens there yet: every try fails
+    node, base = node_with_page(nodes, test_model, "gone", "GONE", pacs_port,
+                                send="[send]\nretry_hours = 0.0003\nretry_first_seconds = 1\ntimeout_seconds = 2\n")
     assert storescu(lung1_series[:12], node.port).returncode == 0
     study = str(pydicom.dcmread(lung1_series[0], stop_before_pixels=True).StudyInstanceUID)
     state = node.storage / "state" / study / "rev-0001.send-gone.json"

@@ -70,13 +70,11 @@ import subprocess
 from pathlib import Path
 from typing import Any, Sequence
 
-from tests.peers import REPO, Orthanc, have, storescu
+from tests.peers import DICOMWEB_PLUGIN, PLUGIN_DIR, REPO, Orthanc, have, storescu
 
 OHIF_VERSION = "3.13.2"
 PUPPETEER_VERSION = "24.43.1"
 SITE_PREFIX = "/ohif"
-PLUGIN_DIR = Path("/usr/share/orthanc/plugins")
-DICOMWEB_PLUGIN = PLUGIN_DIR / "libOrthancDicomWeb.so"
 SERVEFOLDERS_PLUGIN = PLUGIN_DIR / "libServeFolders.so"
 INSTALL_SCRIPT = REPO / "tests" / "ohif" / "install.sh"
 DRIVER = REPO / "tests" / "ohif" / "open_study.js"

@@ -24,7 +24,6 @@ import os
 import signal
 import threading
 import time
-from dataclasses import replace
 from types import FrameType
 
 from node import config as config_mod
@@ -41,7 +40,7 @@ from node.tls import server_context
 
 logger = logging.getLogger(__name__)
 
-TICK_S = 0.25
+TICK_S = 0.25  # the node's completion loop and each receiving process write the timers this often
 DRAIN_S = 30.0
 ROLE = "receive"
 
@@ -156,9 +155,6 @@ def _reload(cfg: Config, receiving: Receiving, index: int) -> Config:
         logger.error("Receiving process %d: config not reloaded, keeping the running one: %s", index, exc)
         return cfg
     receiving.apply(new, tls_context)
-    kept = replace(new.node, host=cfg.node.host, port=cfg.node.port, storage=cfg.node.storage,
-                   receivers=cfg.node.receivers)
     logger.info("Receiving process %d: config reloaded (%d pipelines, %d callers)", index, len(new.pipelines),
                 len(new.callers))
-    return replace(new, node=kept, redis=cfg.redis, tls=replace(new.tls, enabled=cfg.tls.enabled, port=cfg.tls.port),
-                   audit=cfg.audit)
+    return config_mod.kept_for_restart(cfg, new)

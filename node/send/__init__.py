@@ -37,7 +37,7 @@ from node.audit import Outcome
 from node.config import Config, Destination
 from node.errors import AinodeError
 from node.send.delivery import Delivery, SendError
-from node.send.dicom import c_store
+from node.send.dicom import c_store, file_meta
 from node.store import Storage, write_atomic
 
 if TYPE_CHECKING:
@@ -171,9 +171,8 @@ def send_result(study_uid: str, revision: int, destination: str, force: bool = F
                  **parcel.recorded)
     how = {"dicom": " over TLS" if dest.tls else "", "dicomweb": " by STOW-RS",
            "hl7": f" as HL7 ORU^R01{' over TLS' if dest.tls else ''}"}[dest.kind]
-    statuses = list(delivery.statuses) + [delivery.status] * (len(parcel.objects) - len(delivery.statuses))
     _audit(ctx, parcel, study_uid, revision, destination, peer_id, peer_host, Outcome.SUCCESS,
-           [f"sent{how}, status 0x{code:04X}, attempt {attempts}" for code in statuses])
+           [f"sent{how}, status 0x{code:04X}, attempt {attempts}" for code in delivery.statuses])
     logger.info("Study %s r%d: %s sent to %s in %.2f s", study_uid, revision, parcel.what, destination,
                 delivery.seconds)
     return "sent"
@@ -198,11 +197,10 @@ def _parcel(ctx: "WorkerContext", dest: Destination, study_uid: str, revision: i
 
 
 def _sop_class(path: Path) -> str:
-    from pydicom.filereader import read_file_meta_info
-
+    """An instance's SOP class from its file meta, for the audit trail ("" if unreadable: the send says why)."""
     try:
-        return str(read_file_meta_info(path).MediaStorageSOPClassUID)
-    except (OSError, AttributeError, ValueError):
+        return file_meta(path)[0]
+    except SendError:
         return ""
 
 

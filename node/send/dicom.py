@@ -43,7 +43,7 @@ def c_store(
     if not files:
         raise ValueError('Argument "paths" must name at least one file.')
     where = f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}{', TLS' if dest.tls else ''})"
-    metas = [_meta(p) for p in files]
+    metas = [file_meta(p) for p in files]
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
@@ -101,7 +101,7 @@ def _rejections(requested: Sequence[Any], rejected: Sequence[Any]) -> str:
     return "; ".join(words)
 
 
-def _meta(path: Path) -> tuple[str, str]:
+def file_meta(path: Path) -> tuple[str, str]:
     """(SOP class, transfer syntax) from a Part 10 file's meta; SendError when it has none."""
     try:
         meta = read_file_meta_info(path)

@@ -21,7 +21,7 @@ import secrets
 import threading
 import time
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,7 +32,7 @@ from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
 from node.audit import Action, AuditError, AuditTrail, Outcome
-from node.config import Config
+from node.config import Config, reread
 from node.history import (STATES, StateCache, local_time, parse_since, reanalyse, recorded_sends, resend, study_state,
                           timeline)
 from node.results.facts import percent
@@ -62,7 +62,10 @@ class Session:
 class Pages:
     def __init__(self, cfg: Config, redis: Any, audit: AuditTrail) -> None:
         self.cfg = cfg
-        self._cfg_mtime = _mtime(cfg.source)
+        try:  # the time of the file the config was just loaded from: read again once it changes
+            self._cfg_mtime: float | None = cfg.source.stat().st_mtime if cfg.source is not None else None
+        except OSError:
+            self._cfg_mtime = None
         self.redis = redis
         self.audit = audit
         self.storage = Storage(cfg.node.storage)
@@ -244,20 +247,10 @@ class Pages:
     def _config(self) -> Config:
         """The config, read again when its file changed (an admin added a destination or a pipeline since):
         what a resend from the page sends to. Storage, Redis and [web] stay as the process started."""
-        mtime = _mtime(self.cfg.source)
-        if mtime != self._cfg_mtime and self.cfg.source is not None:
-            from dataclasses import replace
-
-            from node import config as config_mod
-            from node.errors import AinodeError
-
-            try:
-                new = config_mod.load(self.cfg.source)
-                self.cfg = replace(new, node=replace(new.node, storage=self.cfg.node.storage), redis=self.cfg.redis,
-                                   web=self.cfg.web)
-            except AinodeError as exc:
-                logger.error("Config %s not re-read, keeping the running one: %s", self.cfg.source, exc)
-            self._cfg_mtime = mtime
+        new, self._cfg_mtime = reread(self.cfg, self._cfg_mtime)
+        if new is not None:
+            self.cfg = replace(new, node=replace(new.node, storage=self.cfg.node.storage), redis=self.cfg.redis,
+                               web=self.cfg.web)
         return self.cfg
 
     async def _csrf_ok(self, request: Request, s: Session) -> bool:
@@ -349,13 +342,6 @@ def _since(text: str) -> tuple[float | None, str | None]:
         return parse_since(text), None
     except ValueError as exc:
         return None, str(exc)
-
-
-def _mtime(path: Path | None) -> float | None:
-    try:
-        return path.stat().st_mtime if path is not None else None
-    except OSError:
-        return None
 
 
 def _sr_name(outcome: dict[str, Any]) -> str | None:
