@@ -25,8 +25,15 @@ import onnxruntime as ort
 from node.config import DEVICES
 from node.model_card import BUNDLED_MODEL_NAME, bundled_model_path, resolve_model_path  # noqa: F401 (re-exported)
 from node.errors import ModelError
-from node.model_card import ModelCard
-from node.preprocessing import PREPROCESSING_VERSION, Peak, locate_peaks, prepare_slices
+from node.model_card import Classifier, ModelCard
+from node.preprocessing import (
+    PREPROCESSING_VERSION,
+    Peak,
+    locate_peaks,
+    prepare_slices,
+    score_candidates,
+    slice_scores_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -74,11 +81,15 @@ def aggregate(slice_scores: np.ndarray, method: str) -> float:
     raise ValueError(f'Argument "method" must be "max", "mean" or "topK_mean" (K >= 1), got {method!r}')
 
 
-def top_slices(slice_scores: np.ndarray, k: int) -> tuple[int, ...]:
-    """Indices of the ``k`` highest scores, best first (ties: lower index first)."""
+def top_slices(slice_scores: np.ndarray, k: int, ties: np.ndarray | None = None) -> tuple[int, ...]:
+    """Indices of the ``k`` highest scores, best first (ties: the higher of ``ties``, then lower index first)."""
     if k < 1:
         raise ValueError(f'Argument "k" must be at least 1, got {k}')
-    order = np.argsort(-np.asarray(slice_scores, dtype=np.float64), kind="stable")
+    scores = np.asarray(slice_scores, dtype=np.float64)
+    if ties is None:
+        order = np.argsort(-scores, kind="stable")
+    else:
+        order = np.lexsort((np.arange(scores.size), -np.asarray(ties, dtype=np.float64), -scores))
     return tuple(int(i) for i in order[:k])
 
 
@@ -99,7 +110,8 @@ class Analysis:
     slices_per_second: float
     peaks: tuple[Peak, ...] = ()  # the most suspicious places, best first, in source pixels (score map only)
     located: bool = False  # the model has a score map: peaks are real; without one there are none
-    locate_seconds: float = 0.0  # of ``seconds``: reading the maps into peaks
+    locate_seconds: float = 0.0  # of ``seconds``: reading the maps into peaks (and, two-stage, scoring them)
+    detector_score: float | None = None  # two-stage: the first stage's own study score, for the record
 
 
 def _providers_for(device: str, available: list[str]) -> list[str]:
@@ -178,6 +190,7 @@ class Model:
             if device == "auto":
                 logger.warning("Model %s: %s; running on CPU", path.name, why)
 
+        self.classifier: Classifier | None = self.card.second_stage(path)
         self.input_name, self.output_name = self._check_graph()
         self.map_name: str | None = self.card.map_output_name or None
         logger.info(
@@ -188,8 +201,11 @@ class Model:
     def _check_graph(self) -> tuple[str, str]:
         """The graph's input and output names, after checking them and the input shape against the card."""
         inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
-        if len(inputs) != 1 or len(outputs) < 1:
-            raise ModelError(f"{self.path}: model must have one input and an output, has {len(inputs)} and {len(outputs)}")
+        wanted = 2 if self.classifier else 1
+        if len(inputs) != wanted or len(outputs) < 1:
+            raise ModelError(f"{self.path}: model must have {wanted} input(s) and an output, has {len(inputs)} and {len(outputs)}")
+        if self.classifier:
+            self._check_classifier(inputs[1], outputs)
         graph_in, graph_out = inputs[0], outputs[0]
         if graph_in.name != self.card.input_name:
             raise ModelError(f"{self.path}: input name {graph_in.name!r} does not match its card ({self.card.input_name!r})")
@@ -207,6 +223,45 @@ class Model:
         if not _dims_match(list(graph_in.shape), list(self.card.input_shape)):
             raise ModelError(f"{self.path}: input shape {graph_in.shape} does not match its card ({self.card.input_shape})")
         return graph_in.name, graph_out.name
+
+    def _check_classifier(self, graph_in: Any, outputs: list[Any]) -> None:
+        c = self.classifier
+        assert c is not None
+        if graph_in.name != c.input_name:
+            raise ModelError(f"{self.path}: second input {graph_in.name!r} does not match its card's classifier ({c.input_name!r})")
+        if not _dims_match(list(graph_in.shape), [None, c.size, c.size, c.channels]):
+            raise ModelError(f"{self.path}: classifier input shape {graph_in.shape} does not match its card "
+                             f"([N, {c.size}, {c.size}, {c.channels}])")
+        if c.output_name not in [o.name for o in outputs]:
+            raise ModelError(f"{self.path}: card names classifier output {c.output_name!r}, which the graph does not "
+                             f"output (outputs: {', '.join(o.name for o in outputs)})")
+
+    def _feeds(self, slices: np.ndarray | None = None, patches: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The graph's inputs: a two-stage graph takes both, so the stage not run gets an empty batch."""
+        size, channels = self.card.size, 2 * self.card.context + 1
+        feeds = {self.input_name: slices if slices is not None else np.zeros((0, size, size, channels), np.float32)}
+        if self.classifier:
+            c = self.classifier
+            feeds[c.input_name] = patches if patches is not None else np.zeros((0, c.size, c.size, c.channels), np.float32)
+        return feeds
+
+    def classify(self, volume_hu: np.ndarray, candidates: list[Peak], spacing: tuple[float, float, float],
+                 batch_size: int = 64) -> list[Peak]:
+        """The ``candidates`` of a (z, y, x) HU volume with the second stage's probabilities, best first."""
+        c = self.classifier
+        if c is None:
+            raise ModelError(f"{self.path}: the model has no classifier")
+
+        def score(patches: np.ndarray) -> np.ndarray:
+            (out,) = self._session.run([c.output_name], self._feeds(patches=patches))
+            out = np.asarray(out, dtype=np.float32).reshape(-1)
+            if out.size != len(patches):
+                raise ModelError(f"{self.path}: classifier output of {out.size} for {len(patches)} patches")
+            _check_probabilities(self.path, "classifier output", out)
+            return out
+
+        return score_candidates(volume_hu, candidates, score, spacing=spacing, size=c.size, mm_per_pixel=c.mm_per_pixel,
+                                z_offsets_mm=c.z_offsets_mm, windows=c.windows, batch_size=batch_size)
 
     def score_slices(self, volume_hu: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """One probability per slice of a (z, y, x) HU volume, float32 (z,)."""
@@ -234,7 +289,7 @@ class Model:
             batch = prepare_slices(
                 volume_hu, range(start, stop), size=self.card.size, context=self.card.context, hu_window=hu_window
             )
-            outs = self._session.run(names, {self.input_name: batch})
+            outs = self._session.run(names, self._feeds(slices=batch))
             out = np.asarray(outs[0])
             if out.size != stop - start:
                 raise ModelError(f"{self.path}: output shape {out.shape} for a batch of {stop - start}: expected one score per slice")
@@ -268,17 +323,26 @@ class Model:
         slice_scores, maps = self.run(volume_hu, batch_size=batch_size)
         peaks: list[Peak] = []
         inferred = time.perf_counter()
-        if maps is not None:
-            peaks = locate_peaks(
-                maps, source_shape=(volume_hu.shape[1], volume_hu.shape[2]), size=self.card.size, spacing=spacing,
-                min_probability=0.0, max_peaks=max_peaks, min_distance_mm=FINDING_DISTANCE_MM,
-            )
+        detector_score, ties = None, None
+        source_shape = (volume_hu.shape[1], volume_hu.shape[2])
+        if maps is not None and self.classifier is not None:
+            c = self.classifier
+            candidates = locate_peaks(maps, source_shape=source_shape, size=self.card.size, spacing=spacing,
+                                      min_probability=0.0, max_peaks=c.candidates, min_distance_mm=c.min_distance_mm)
+            detector_score = aggregate(slice_scores, self.card.aggregation)
+            peaks = self.classify(volume_hu, candidates, spacing)
+            ties = slice_scores  # the key slices after the candidates' own: the detector's best
+            slice_scores = slice_scores_of(peaks, volume_hu.shape[0])
+            peaks = peaks[:max_peaks]
+        elif maps is not None:
+            peaks = locate_peaks(maps, source_shape=source_shape, size=self.card.size, spacing=spacing,
+                                 min_probability=0.0, max_peaks=max_peaks, min_distance_mm=FINDING_DISTANCE_MM)
         seconds = time.perf_counter() - started
         slice_scores.flags.writeable = False
         return Analysis(
             score=aggregate(slice_scores, self.card.aggregation),
             slice_scores=slice_scores,
-            key_slices=top_slices(slice_scores, top_k),
+            key_slices=top_slices(slice_scores, top_k, ties),
             aggregation=self.card.aggregation,
             providers=tuple(self.providers),
             seconds=seconds,
@@ -286,6 +350,7 @@ class Model:
             peaks=tuple(peaks),
             located=maps is not None,
             locate_seconds=time.perf_counter() - inferred,
+            detector_score=detector_score,
         )
 
 

@@ -34,6 +34,50 @@ def sha256_of(path: Path) -> str:
 
 
 @dataclass(frozen=True)
+class Classifier:
+    """A model's second stage: a CNN that scores patches cut around the score map's candidates.
+
+    The first stage (the slice input and its score map) points at places; this
+    one looks at each of them at a fixed scale in mm, through more than one
+    window, and gives each its own probability. It lives in the same ONNX
+    graph as a second input and output (one file, one sha256).
+    """
+
+    input_name: str  # [N, size, size, channels]
+    output_name: str  # [N, 1]: probability per candidate
+    size: int  # patch side, pixels
+    mm_per_pixel: float
+    z_offsets_mm: list[float]  # the planes, from the candidate along z
+    windows: list[list[float]]  # [[center, width], ...] HU; channels = planes x windows, plane-major
+    candidates: int  # score-map peaks scored per study, best first
+    min_distance_mm: float = 15.0  # their non-maximum suppression
+
+    @property
+    def channels(self) -> int:
+        return len(self.z_offsets_mm) * len(self.windows)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: Path) -> "Classifier":
+        """The card's ``classifier`` entry; ModelError naming the key that is missing or wrong."""
+        if not isinstance(data, dict):
+            raise ModelError(f"{where}: classifier must be an object, got {type(data).__name__}")
+        known = set(cls.__dataclass_fields__)
+        missing = [k for k, f in cls.__dataclass_fields__.items() if k not in data and f.default is f.default_factory]  # type: ignore[misc]
+        if missing:
+            raise ModelError(f"{where}: classifier lacks {', '.join(missing)}")
+        try:
+            c = cls(**{k: v for k, v in data.items() if k in known})
+            ok = (c.size >= 1 and c.mm_per_pixel > 0 and c.candidates >= 1 and c.z_offsets_mm
+                  and c.windows and all(len(w) == 2 and float(w[1]) > 0 for w in c.windows))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ModelError(f"{where}: classifier has an unusable size, mm_per_pixel, candidates, z_offsets_mm "
+                             f"or windows: {data}")
+        return c
+
+
+@dataclass(frozen=True)
 class ModelCard:
     """What a model is, what it expects and how good it is."""
 
@@ -55,6 +99,8 @@ class ModelCard:
     #: The score map, a second output: [N, h, w, 1] probabilities over the slice (sigmoid applied),
     #: read into located findings by node.preprocessing.locate_peaks. "": no map, no coordinates.
     map_output_name: str = ""
+    #: The second stage (:class:`Classifier`), which needs the map; {}: none, the map's peaks keep its values.
+    classifier: dict[str, Any] = field(default_factory=dict)
     intended_use: str = ""
     training_data: str = ""  # provenance, in words
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -62,6 +108,18 @@ class ModelCard:
     seed: int | None = None
     created: str = ""  # ISO 8601 date
     versions: dict[str, str] = field(default_factory=dict)  # tensorflow, tf2onnx, onnx, ...
+
+    def second_stage(self, model_path: Path) -> Classifier | None:
+        """The card's classifier, checked, or None when the model has none."""
+        if not self.classifier:
+            return None
+        if not self.map_output_name:
+            raise ModelError(f"{card_path(model_path)}: a classifier needs the score map's candidates, and the card "
+                             "names no map_output_name")
+        if self.aggregation != "max":
+            raise ModelError(f"{card_path(model_path)}: a two-stage model's study score is its best candidate's; the "
+                             f"card names aggregation {self.aggregation!r}, not \"max\"")
+        return Classifier.from_dict(self.classifier, card_path(model_path))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"

@@ -18,7 +18,7 @@ repeated at the volume's ends.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -108,6 +108,68 @@ def prepare_slices(
     prepared = resize(window(volume_hu[unique], *hu_window), size)  # each source slice once
     out = prepared[inverse.reshape(needed.shape)]  # (n, channels, size, size)
     return np.ascontiguousarray(out.transpose(0, 2, 3, 1))
+
+
+#: The soft-tissue (mediastinal) window (center, width) in HU: where calcium, soft tissue and fat differ.
+SOFT_TISSUE_WINDOW = (40.0, 400.0)
+
+
+def _bilinear(image: np.ndarray, rows: np.ndarray, cols: np.ndarray, fill: float) -> np.ndarray:
+    """``image`` (h, w) sampled at fractional (rows, cols) of one shape; ``fill`` outside it."""
+    h, w = image.shape
+    r0, c0 = np.floor(rows).astype(np.intp), np.floor(cols).astype(np.intp)
+    fr, fc = (rows - r0).astype(np.float32), (cols - c0).astype(np.float32)
+    padded = np.pad(image.astype(np.float32, copy=False), 1, mode="constant", constant_values=fill)
+    r0, c0 = np.clip(r0 + 1, 0, h + 1), np.clip(c0 + 1, 0, w + 1)
+    r1, c1 = np.clip(r0 + 1, 0, h + 1), np.clip(c0 + 1, 0, w + 1)
+    inside = (rows > -1) & (rows < h) & (cols > -1) & (cols < w)
+    out = (padded[r0, c0] * (1 - fr) * (1 - fc) + padded[r0, c1] * (1 - fr) * fc
+           + padded[r1, c0] * fr * (1 - fc) + padded[r1, c1] * fr * fc)
+    return np.where(inside, out, np.float32(fill))
+
+
+def prepare_patches(
+    volume_hu: np.ndarray,
+    centres: Sequence[tuple[float, float, float]],
+    *,
+    spacing: tuple[float, float, float],
+    size: int,
+    mm_per_pixel: float,
+    z_offsets_mm: Sequence[float],
+    windows: Sequence[tuple[float, float]],
+) -> np.ndarray:
+    """Patches of a (z, y, x) HU volume around ``centres`` (slice, row, column; source voxels), at a fixed scale.
+
+    Each patch is ``size`` x ``size`` pixels of ``mm_per_pixel`` mm, centred on
+    its centre (bilinear; -1000 HU, air, outside the image), on the planes
+    ``z_offsets_mm`` from it along z (linear between slices, clamped to the
+    volume's first and last slice), each plane through every window of
+    ``windows``. Returns float32 (n, size, size, len(z_offsets_mm) *
+    len(windows)), channels plane-major, values in [0, 1]. A patch in mm
+    makes the second stage see a nodule at the same scale whatever the
+    scanner's pixel spacing.
+    """
+    if volume_hu.ndim != 3 or volume_hu.shape[0] == 0:
+        raise ValueError(f'Argument "volume_hu" must have shape (z, y, x) with z >= 1, got {volume_hu.shape}')
+    if size < 1 or mm_per_pixel <= 0:
+        raise ValueError(f'Arguments "size" and "mm_per_pixel" must be positive, got {size} and {mm_per_pixel}')
+    depth = volume_hu.shape[0]
+    dz, dy, dx = (float(s) if s > 0 else 1.0 for s in spacing)
+    grid = (np.arange(size, dtype=np.float64) - (size - 1) / 2.0) * mm_per_pixel
+    out = np.empty((len(centres), size, size, len(z_offsets_mm) * len(windows)), dtype=np.float32)
+    for n, (z, row, col) in enumerate(centres):
+        rows = np.broadcast_to((row + grid / dy)[:, None], (size, size))
+        cols = np.broadcast_to((col + grid / dx)[None, :], (size, size))
+        for i, offset in enumerate(z_offsets_mm):
+            zf = float(np.clip(z + offset / dz, 0, depth - 1))
+            z0 = int(np.floor(zf))
+            z1, f = min(z0 + 1, depth - 1), np.float32(zf - z0)
+            plane = _bilinear(volume_hu[z0], rows, cols, -1000.0)
+            if f > 0:
+                plane = plane * (1 - f) + _bilinear(volume_hu[z1], rows, cols, -1000.0) * f
+            for j, (center, width) in enumerate(windows):
+                out[n, :, :, i * len(windows) + j] = window(plane, center, width)
+    return out
 
 
 def resized_extent(n: int, size: int) -> int:
@@ -263,3 +325,51 @@ def locate_peaks(
         if len(kept) == max_peaks:
             break
     return kept
+
+
+def rescored(peaks: Sequence[Peak], probabilities: Sequence[float]) -> list[Peak]:
+    """``peaks`` with a second stage's ``probabilities`` (one each), best first (ties keep their order)."""
+    if len(peaks) != len(probabilities):
+        raise ValueError(f"{len(peaks)} peaks but {len(probabilities)} probabilities")
+    order = np.argsort(-np.asarray(probabilities, dtype=np.float64), kind="stable")
+    return [Peak(peaks[i].slice, peaks[i].row, peaks[i].column, float(probabilities[i])) for i in order]
+
+
+def score_candidates(
+    volume_hu: np.ndarray,
+    candidates: Sequence[Peak],
+    score: Callable[[np.ndarray], np.ndarray],
+    *,
+    spacing: tuple[float, float, float],
+    size: int,
+    mm_per_pixel: float,
+    z_offsets_mm: Sequence[float],
+    windows: Sequence[Sequence[float]],
+    batch_size: int = 64,
+) -> list[Peak]:
+    """``candidates`` rescored by a second stage, best first: :func:`prepare_patches` around each, in batches,
+    through ``score`` (patches -> one probability each), then :func:`rescored`."""
+    probabilities = np.empty(len(candidates), dtype=np.float32)
+    win = [(float(w[0]), float(w[1])) for w in windows]
+    for start in range(0, len(candidates), batch_size):
+        chunk = candidates[start : start + batch_size]
+        patches = prepare_patches(volume_hu, [(p.slice, p.row, p.column) for p in chunk], spacing=spacing, size=size,
+                                  mm_per_pixel=mm_per_pixel, z_offsets_mm=z_offsets_mm, windows=win)
+        out = np.asarray(score(patches), dtype=np.float32).reshape(-1)
+        if out.size != len(chunk):
+            raise ValueError(f"the second stage gave {out.size} probabilities for {len(chunk)} patches")
+        probabilities[start : start + len(chunk)] = out
+    return rescored(candidates, probabilities)
+
+
+def slice_scores_of(peaks: Sequence[Peak], depth: int) -> np.ndarray:
+    """Per slice, the highest probability of the peaks on it; 0 on a slice with none (float32, (depth,)).
+
+    A two-stage model's slice scores: the first stage only points, the second
+    scores what it points at, so a slice it pointed at nothing on scores 0 and
+    the highest slice score is the top finding's probability.
+    """
+    scores = np.zeros(depth, dtype=np.float32)
+    for p in peaks:
+        scores[p.slice] = max(scores[p.slice], np.float32(p.probability))
+    return scores

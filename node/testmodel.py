@@ -37,7 +37,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from node.model_card import ModelCard, sha256_of
-from node.preprocessing import LUNG_WINDOW, PREPROCESSING_VERSION, window
+from node.preprocessing import LUNG_WINDOW, PREPROCESSING_VERSION, SOFT_TISSUE_WINDOW, window
 
 OPSET = 17
 IR_VERSION = 8  # the lowest IR for opset 17, so older onnxruntime releases load it too
@@ -62,11 +62,52 @@ def _blob_filter(channels: int, level: float) -> tuple[np.ndarray, float]:
     return weights.astype(np.float32), -level
 
 
+PATCH_NAME = "patches"
+CANDIDATE_NAME = "p_candidate"
+PATCH_SIZE = 16
+#: The test classifier's card entry (node.model_card.Classifier): planes -5, 0, +5 mm, lung and soft-tissue windows.
+CLASSIFIER = {"input_name": PATCH_NAME, "output_name": CANDIDATE_NAME, "size": PATCH_SIZE, "mm_per_pixel": 1.0,
+              "z_offsets_mm": [-5.0, 0.0, 5.0], "windows": [list(LUNG_WINDOW), list(SOFT_TISSUE_WINDOW)],
+              "candidates": 8, "min_distance_mm": 15.0}
+PATCH_CHANNELS = 6
+CENTRE_SOFT_CHANNEL = 3  # plane 0 mm, soft-tissue window
+
+
+def _add_classifier(nodes: list, inputs: list, outputs: list, initializers: list) -> None:
+    """patches -> centre plane's soft-tissue channel -> spatial mean -> 8 x - 2 -> sigmoid -> p_candidate [N, 1]."""
+    initializers += [
+        numpy_helper.from_array(np.array([CENTRE_SOFT_CHANNEL], np.int64), "cls_start"),
+        numpy_helper.from_array(np.array([CENTRE_SOFT_CHANNEL + 1], np.int64), "cls_end"),
+        numpy_helper.from_array(np.array([3], np.int64), "cls_axis"),
+        numpy_helper.from_array(np.array(8.0, np.float32), "cls_w"),
+        numpy_helper.from_array(np.array(-2.0, np.float32), "cls_b"),
+    ]
+    nodes += [
+        helper.make_node("Slice", [PATCH_NAME, "cls_start", "cls_end", "cls_axis"], ["cls_soft"]),
+        helper.make_node("ReduceMean", ["cls_soft"], ["cls_mean"], axes=[1, 2, 3], keepdims=1),
+        helper.make_node("Flatten", ["cls_mean"], ["cls_flat"], axis=1),
+        helper.make_node("Mul", ["cls_flat", "cls_w"], ["cls_scaled"]),
+        helper.make_node("Add", ["cls_scaled", "cls_b"], ["cls_logit"]),
+        helper.make_node("Sigmoid", ["cls_logit"], [CANDIDATE_NAME]),
+    ]
+    inputs.append(helper.make_tensor_value_info(PATCH_NAME, TensorProto.FLOAT, ["M", PATCH_SIZE, PATCH_SIZE, PATCH_CHANNELS]))
+    outputs.append(helper.make_tensor_value_info(CANDIDATE_NAME, TensorProto.FLOAT, ["M", 1]))
+
+
 def build_test_model(
     path: Path, *, size: int = 64, context: int = 1, seed: int = 0, name: str = "ainode-test-cnn",
-    with_map: bool = True,
+    with_map: bool = True, with_classifier: bool = False,
 ) -> ModelCard:
-    """Write a small real CNN to ``path`` (ONNX, opset 17) and its card beside it; return the card."""
+    """Write a small real CNN to ``path`` (ONNX, opset 17) and its card beside it; return the card.
+
+    ``with_classifier``: a second stage beside it (input ``patches``, output
+    ``p_candidate``, the card's ``classifier``, aggregation ``max``): the
+    sigmoid of the mean soft-tissue-window value of a patch's centre plane,
+    so a patch on something dense scores higher than one on lung. Not a
+    classifier of anything.
+    """
+    if with_classifier and not with_map:
+        raise ValueError("a classifier scores the map's candidates: with_classifier needs with_map")
     if size < 3:
         raise ValueError(f'Argument "size" must be at least 3, got {size}')
     if context < 0:
@@ -114,13 +155,10 @@ def build_test_model(
             helper.make_node("Transpose", ["map_nchw"], [MAP_NAME], perm=[0, 2, 3, 1]),
         ]
         outputs.append(helper.make_tensor_value_info(MAP_NAME, TensorProto.FLOAT, ["N", size, size, 1]))
-    graph = helper.make_graph(
-        nodes,
-        name,
-        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", size, size, channels])],
-        outputs,
-        initializer=initializers,
-    )
+    inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", size, size, channels])]
+    if with_classifier:
+        _add_classifier(nodes, inputs, outputs, initializers)
+    graph = helper.make_graph(nodes, name, inputs, outputs, initializer=initializers)
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION, producer_name="ainode.testmodel"
     )
@@ -142,7 +180,8 @@ def build_test_model(
         window=[LUNG_WINDOW[0], LUNG_WINDOW[1]],
         threshold=0.5,
         threshold_method="fixed (test model)",
-        aggregation="top3_mean",
+        aggregation="max" if with_classifier else "top3_mean",
+        classifier=CLASSIFIER if with_classifier else {},
         intended_use="tests only",
         training_data="none: a hand-built test graph, not a trained model",
         seed=seed,

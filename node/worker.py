@@ -305,6 +305,10 @@ def _load_models(ctx: WorkerContext) -> None:
         if not model.map_name:
             logger.warning("Model %s has no score map: results will give a study score and key images, "
                            "no located findings", model.card.name)
+        elif model.classifier:
+            c = model.classifier
+            logger.info("%sTwo stages: the map's %d best candidates per study, scored by the classifier on %d-pixel "
+                        "patches of %.2g mm", where, c.candidates, c.size, c.mm_per_pixel)
 
 
 def queues_for(role: str, redis: Redis) -> list[Queue]:

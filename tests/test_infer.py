@@ -17,7 +17,7 @@ from node.errors import ModelError
 from node.infer import Analysis, Model, aggregate, bundled_model_path, resolve_model_path, top_slices
 from node.model_card import ModelCard, card_path, sha256_of
 from node.preprocessing import PREPROCESSING_VERSION
-from node.testmodel import build_test_model
+from node.testmodel import CLASSIFIER, build_test_model
 
 CUDA_AVAILABLE = "CUDAExecutionProvider" in ort.get_available_providers()
 BLOB_SLICES = (20, 21, 22)
@@ -265,6 +265,59 @@ def test_card_names_a_map_the_graph_lacks(tmp_path: Path):
     build_test_model(path, with_map=False)
     rewrite_card(path, map_output_name="heatmap")
     with pytest.raises(ModelError, match="card names score map 'heatmap', which the graph does not output"):
+        Model(path, "cpu")
+
+
+@pytest.fixture(scope="module")
+def two_stage(tmp_path_factory: pytest.TempPathFactory) -> Model:
+    path = tmp_path_factory.mktemp("two-stage") / "two.onnx"
+    build_test_model(path, size=64, context=1, with_classifier=True)
+    return Model(path, "cpu")
+
+
+def test_two_stage_model_scores_the_maps_candidates_with_its_classifier(two_stage: Model, blob_volume: np.ndarray):
+    """The map's candidates, each with the classifier's probability: the findings, the slice scores, the study score."""
+    spacing = (2.5, 0.7, 0.7)
+    analysis = two_stage.analyse(blob_volume, spacing=spacing, max_peaks=3)
+    c = two_stage.classifier
+    assert c is not None and (c.size, c.channels, c.candidates) == (16, 6, 8)
+    candidates = node.infer.locate_peaks(two_stage.run(blob_volume)[1], source_shape=(128, 128), size=64,
+                                         spacing=spacing, min_probability=0.0, max_peaks=8, min_distance_mm=15.0)
+    scored = two_stage.classify(blob_volume, candidates, spacing)
+    assert len(scored) == len(candidates)
+    assert sorted((q.slice, q.row, q.column) for q in scored) == sorted((q.slice, q.row, q.column) for q in candidates)
+    p = [q.probability for q in scored]
+    assert p == sorted(p, reverse=True)
+    top = analysis.peaks[0]
+    assert (top.slice, top.row, top.column, top.probability) == (scored[0].slice, scored[0].row, scored[0].column, p[0])
+    assert top.slice == 21 and abs(top.row - 60) <= 2 and abs(top.column - 70) <= 2  # the disc, as the map says
+    assert top.probability != pytest.approx(float(two_stage.run(blob_volume)[1][21].max()), abs=1e-3)  # not the map's
+    assert [q.probability for q in analysis.peaks] == p[:3]
+    assert analysis.score == pytest.approx(top.probability) == pytest.approx(float(analysis.slice_scores.max()))
+    on = {q.slice for q in candidates}
+    assert all((analysis.slice_scores[z] > 0) == (z in on) for z in range(40))  # only slices a candidate is on score
+    assert analysis.key_slices[0] == 21 and analysis.detector_score is not None
+    assert analysis.aggregation == "max"
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"map_output_name": ""}, "a classifier needs the score map"),
+        ({"aggregation": "top3_mean"}, "study score is its best candidate's"),
+        ({"classifier": {"input_name": "patches"}}, "classifier lacks output_name"),
+        ({"classifier": dict(CLASSIFIER, size=32)}, "classifier input shape"),
+        ({"classifier": dict(CLASSIFIER, input_name="crops")}, "second input 'patches'"),
+        ({"classifier": dict(CLASSIFIER, output_name="p")}, "classifier output 'p'"),
+        ({"classifier": dict(CLASSIFIER, mm_per_pixel=0)}, "unusable size"),
+        ({"classifier": {}}, "must have 1 input"),
+    ],
+)
+def test_two_stage_card_and_graph_must_agree(tmp_path: Path, changes: dict, message: str):
+    path = tmp_path / "two.onnx"
+    build_test_model(path, with_classifier=True)
+    rewrite_card(path, **changes)
+    with pytest.raises(ModelError, match=message):
         Model(path, "cpu")
 
 

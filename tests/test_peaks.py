@@ -78,3 +78,56 @@ def test_bad_arguments_are_named():
         peaks(np.zeros((8, 8), np.float32))
     with pytest.raises(ValueError, match='"max_peaks"'):
         peaks(np.zeros((2, 8, 8), np.float32), max_peaks=0)
+
+
+# --------------------------------------------------------------------------- the second stage's input
+
+
+def test_patches_are_cut_at_a_fixed_scale_in_mm_on_planes_along_z():
+    """A 6 mm bright square seen through two pixel spacings fills the same patch pixels; planes follow z in mm."""
+    from node.preprocessing import LUNG_WINDOW, SOFT_TISSUE_WINDOW, prepare_patches
+
+    windows = (LUNG_WINDOW, SOFT_TISSUE_WINDOW)
+    seen = []
+    for px in (0.5, 1.0):
+        n = int(60 / px)
+        vol = np.full((5, n, n), -800, np.int16)
+        half = int(3 / px)
+        vol[2, n // 2 - half : n // 2 + half, n // 2 - half : n // 2 + half] = 40
+        vol[3] = 500  # the next slice: calcium density all over
+        p = prepare_patches(vol, [(2, n / 2 - 0.5, n / 2 - 0.5)], spacing=(2.5, px, px), size=12, mm_per_pixel=1.0,
+                            z_offsets_mm=(-2.5, 0.0, 2.5), windows=windows)
+        assert p.shape == (1, 12, 12, 6) and p.dtype == np.float32
+        seen.append(p[0])
+    a, b = seen
+    assert np.allclose(a[..., 3], b[..., 3], atol=0.15)  # the centre plane, soft tissue: same picture at both scales
+    assert a[6, 6, 3] == pytest.approx(0.5) and a[0, 0, 3] == 0.0  # 40 HU is the soft window's middle; lung is 0
+    assert a[6, 6, 2] == pytest.approx((40 + 1350) / 1500)  # the lung window of the same pixel
+    assert np.all(a[..., 5] == 1.0) and np.all(a[..., 0] < 0.4)  # +2.5 mm: slice 3 (calcium); -2.5 mm: lung only
+
+
+def test_patches_outside_the_image_are_air_and_planes_clamp_at_the_volume_ends():
+    from node.preprocessing import LUNG_WINDOW, prepare_patches
+
+    vol = np.full((2, 20, 20), 0, np.int16)
+    vol[1] = 100
+    p = prepare_patches(vol, [(0, 0.0, 0.0)], spacing=(5.0, 1.0, 1.0), size=8, mm_per_pixel=1.0,
+                        z_offsets_mm=(-5.0, 0.0, 5.0), windows=(LUNG_WINDOW,))
+    air = (-1000 + 1350) / 1500
+    assert p[0, 0, 0, 1] == pytest.approx(air) and p[0, 7, 7, 1] == pytest.approx(1350 / 1500)
+    assert np.array_equal(p[0, ..., 0], p[0, ..., 1])  # -5 mm from slice 0: slice 0 again
+    assert p[0, 7, 7, 2] == pytest.approx(1450 / 1500)  # +5 mm: slice 1
+    with pytest.raises(ValueError, match='"mm_per_pixel"'):
+        prepare_patches(vol, [(0, 0, 0)], spacing=(1, 1, 1), size=8, mm_per_pixel=0, z_offsets_mm=(0,), windows=(LUNG_WINDOW,))
+
+
+def test_rescored_peaks_and_their_slice_scores():
+    from node.preprocessing import Peak, rescored, slice_scores_of
+
+    found = [Peak(3, 10.0, 10.0, 0.9), Peak(5, 50.0, 50.0, 0.6), Peak(3, 90.0, 90.0, 0.4)]
+    again = rescored(found, [0.1, 0.7, 0.7])
+    assert [(p.slice, p.row, p.probability) for p in again] == [(5, 50.0, 0.7), (3, 90.0, 0.7), (3, 10.0, 0.1)]
+    scores = slice_scores_of(again, 8)
+    assert scores.dtype == np.float32 and scores.tolist() == pytest.approx([0, 0, 0, 0.7, 0, 0.7, 0, 0])
+    with pytest.raises(ValueError, match="3 peaks but 2 probabilities"):
+        rescored(found, [0.1, 0.2])

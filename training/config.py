@@ -97,6 +97,23 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class ClassifierConfig:
+    """The second stage (``training.classifier``): a patch CNN over the first stage's candidates. 0 epochs: none."""
+
+    epochs: int = 0
+    patch: int = 64  # pixels
+    mm_per_pixel: float = 0.7  # 64 px = 45 mm, room for a 30 mm nodule and its spicules
+    candidates: int = 16  # first-stage peaks scored per study (the card's and the node's)
+    learning_rate: float = 1e-3
+    lr_drop_epoch: int = 9  # the learning rate is divided by 3 from this epoch on
+    batch_size: int = 32
+    hit_slack_mm: float = 3.0  # a candidate within a malignant nodule's radius + this is a positive sample
+    nodule_copies: int = 4  # jittered patches per malignant nodule in training (benign: half)
+    extra_volumes: int = 0  # synthetic volumes generated after the split's, for this stage's training only
+    detector: str = ""  # an exported first stage (.onnx + card) to reuse instead of training one
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """One training run."""
 
@@ -111,13 +128,14 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 _SECTIONS = {"data": DataConfig, "split": SplitConfig, "model": ModelConfig, "train": TrainConfig,
-             "export": ExportConfig, "evaluate": EvaluateConfig}
+             "export": ExportConfig, "evaluate": EvaluateConfig, "classifier": ClassifierConfig}
 
 
 def _build(cls: type, table: dict[str, Any], where: str) -> Any:
@@ -189,6 +207,19 @@ def validate(cfg: RunConfig) -> RunConfig:
     lo, hi = cfg.data.lung1_slices
     if not 0 <= lo < hi:
         raise ConfigError(f"data.lung1_slices: need 0 <= start < stop, got {cfg.data.lung1_slices}")
+    c = cfg.classifier
+    if c.epochs < 0 or c.candidates < 1 or c.patch < 16 or c.patch % 8 or c.mm_per_pixel <= 0 or c.extra_volumes < 0:
+        raise ConfigError("classifier: epochs >= 0, candidates >= 1, patch a multiple of 8 from 16, mm_per_pixel > 0 "
+                          "and extra_volumes >= 0")
+    if c.epochs and cfg.model.arch != "default":
+        raise ConfigError("classifier.epochs: the classifier scores the score map's candidates; the seed "
+                          "architecture has no map")
+    if c.epochs and cfg.export.aggregation != "max":
+        raise ConfigError("export.aggregation: a two-stage model's study score is its best candidate's; set \"max\"")
+    if c.detector and not c.epochs:
+        raise ConfigError("classifier.detector: reusing a first stage only makes sense with classifier.epochs > 0")
+    if c.extra_volumes and cfg.data.source != "synthetic":
+        raise ConfigError("classifier.extra_volumes: only the synthetic source can make more volumes")
     if cfg.export.opset not in (17, 18):
         raise ConfigError(f"export.opset: must be 17 or 18, got {cfg.export.opset}")
     return cfg

@@ -145,16 +145,21 @@ def _rate_key(f: float) -> str:
 
 def detection_metrics(s: SliceSet, maps: np.ndarray, size: int) -> dict[str, Any]:
     """FROC (benign hits as false positives, and ignored), CPM and localisation error for a whole split."""
-    matched = []
-    for m, g in zip(case_maps(s, maps), s.geometry):
-        matched.append(match(candidates(m, g, size), g))
-    n_targets = sum(1 for g in s.geometry for n in g.nodules if n.label == MALIGNANT)
+    return peak_metrics([candidates(m, g, size) for m, g in zip(case_maps(s, maps), s.geometry)], s.geometry)
+
+
+def peak_metrics(per_case: Sequence[Sequence[Peak]], geometry: Sequence[CaseGeometry], *,
+                 min_probability: float = FROC_MIN_PROBABILITY, max_peaks: int = FROC_MAX_PEAKS,
+                 function: str = "node.preprocessing.locate_peaks") -> dict[str, Any]:
+    """:func:`detection_metrics` for candidates already found (best first per case), e.g. a second stage's."""
+    matched = [match(peaks, g) for peaks, g in zip(per_case, geometry)]
+    n_targets = sum(1 for g in geometry for n in g.nodules if n.label == MALIGNANT)
     strict = froc(matched, n_targets, benign_hits="false_positive")
     loose = froc(matched, n_targets, benign_hits="ignore")
     strict["benign_hits_ignored"] = {"sensitivity_at_fp_per_scan": loose["sensitivity_at_fp_per_scan"],
                                      "cpm": loose["cpm"]}
-    strict["candidates"] = {"min_probability": FROC_MIN_PROBABILITY, "max_peaks": FROC_MAX_PEAKS,
-                            "min_distance_mm": MIN_DISTANCE_MM, "function": "node.preprocessing.locate_peaks"}
+    strict["candidates"] = {"min_probability": min_probability, "max_peaks": max_peaks,
+                            "min_distance_mm": MIN_DISTANCE_MM, "function": function}
     strict["hit_rule"] = ("a candidate hits a malignant nodule within its radius of its centre (3-D, mm); each "
                           "nodule counts once (its best candidate); other candidates on it are ignored; candidates "
                           "on benign nodules are false positives (benign_hits_ignored: neither)")

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
-from node.preprocessing import LUNG_WINDOW, locate_peaks, prepare_slices
+from node.preprocessing import LUNG_WINDOW, Peak, locate_peaks, prepare_slices, score_candidates, slice_scores_of
 from training.data import read_nrrd_hu
 from training.detection import MIN_DISTANCE_MM
 from training.export import onnx_outputs, onnx_session
@@ -47,6 +47,13 @@ def top_finding(maps: np.ndarray, mask: np.ndarray | None, source_shape: tuple[i
     """The volume's best finding by :func:`locate_peaks` (as the node), and where it lies against the label."""
     peaks = locate_peaks(maps, source_shape=source_shape, size=size, spacing=spacing,
                          min_probability=0.0, max_peaks=5, min_distance_mm=MIN_DISTANCE_MM)
+    return finding_report(peaks, mask, spacing, threshold)
+
+
+def finding_report(peaks: Sequence[Peak], mask: np.ndarray | None, spacing: tuple[float, float, float],
+                   threshold: float) -> dict[str, Any]:
+    """The best of ``peaks`` (best first), the next four, and where the best lies against the label."""
+    peaks = list(peaks)[:5]
     if not peaks:
         return {"found": False}
     p = peaks[0]
@@ -76,12 +83,30 @@ def top_finding(maps: np.ndarray, mask: np.ndarray | None, source_shape: tuple[i
 
 
 def evaluate_lung1(onnx_path: Path, image_path: Path, *, size: int, context: int, aggregation: str,
-                   threshold: float, training_slices: tuple[int, int]) -> dict[str, Any]:
-    """Score every lung1 slice with the ONNX model: top slice, end slices, and (with a map) the top finding."""
+                   threshold: float, training_slices: tuple[int, int],
+                   classifier: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Score every lung1 slice with the ONNX model: top slice, end slices, and (with a map) the top finding.
+
+    With a ``classifier`` (the card's entry) the model is two-stage: its
+    candidates are scored by the classifier, and slice scores and the top
+    finding are the node's (:func:`node.preprocessing.slice_scores_of`).
+    """
     hu, spacing = read_nrrd_hu(image_path)
     x = prepare_slices(hu, size=size, context=context, hu_window=LUNG_WINDOW)
-    outputs = onnx_outputs(onnx_session(onnx_path), x)
+    session = onnx_session(onnx_path)
+    outputs = onnx_outputs(session, x, input_name=session.get_inputs()[0].name,
+                           output_names=[o.name for o in session.get_outputs()][:2])
     scores = outputs[0][:, 0]
+    peaks: list[Peak] | None = None
+    if classifier:
+        c = classifier
+        found = locate_peaks(outputs[1][..., 0], source_shape=hu.shape[1:], size=size, spacing=spacing,
+                             min_probability=0.0, max_peaks=c["candidates"], min_distance_mm=c["min_distance_mm"])
+        peaks = score_candidates(
+            hu, found, lambda x: onnx_outputs(session, x, input_name=c["input_name"], output_names=[c["output_name"]])[0],
+            spacing=spacing, size=c["size"], mm_per_pixel=c["mm_per_pixel"], z_offsets_mm=c["z_offsets_mm"],
+            windows=c["windows"])
+        scores = slice_scores_of(peaks, hu.shape[0])
     nodule = lung1_nodule_slices(image_path)
     order = np.argsort(-scores, kind="stable")
     top = int(order[0])
@@ -108,8 +133,17 @@ def evaluate_lung1(onnx_path: Path, image_path: Path, *, size: int, context: int
     logger.info("lung1: top slice %d (score %.3f), nodule slices %s, best nodule slice rank %d, study score %.3f; "
                 "end slices %.3f / %.3f (threshold %.3f)", top, scores[top], nodule, rank, study, scores[0],
                 scores[-1], threshold)
-    if len(outputs) > 1:
+    if peaks is not None:
+        detector = outputs[0][:, 0]
+        result["two_stage"] = ("slice scores are the classifier's best candidate on each slice (0 where the "
+                               "detector pointed at nothing)")
+        result["detector_end_slice_scores"] = {"0": round(float(detector[0]), 4),
+                                               str(len(detector) - 1): round(float(detector[-1]), 4)}
+        result["detector_slice_scores"] = [round(float(v), 4) for v in detector]
+        finding = finding_report(peaks, lung1_label(image_path), spacing, threshold)
+    elif len(outputs) > 1:
         finding = top_finding(outputs[1][..., 0], lung1_label(image_path), hu.shape[1:], spacing, size, threshold)
+    if len(outputs) > 1:
         finding["label_used_in_training"] = False
         result["top_finding"] = finding
         logger.info("lung1 top finding: %s", {k: v for k, v in finding.items() if k != "next_findings"})

@@ -84,13 +84,20 @@ def onnx_session(path: Path) -> Any:
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-def onnx_outputs(session: Any, x: np.ndarray, batch: int = 64) -> list[np.ndarray]:
-    """Every output of the session for every row of ``x``, in batches, concatenated."""
-    name = session.get_inputs()[0].name
-    parts = [session.run(None, {name: x[i : i + batch]}) for i in range(0, len(x), batch)]
+def onnx_outputs(session: Any, x: np.ndarray, batch: int = 64, *, input_name: str | None = None,
+                 output_names: list[str] | None = None) -> list[np.ndarray]:
+    """Outputs (default: all) of the session for every row of ``x`` fed to ``input_name`` (default: the first
+    input), in batches, concatenated. A graph's other inputs (a two-stage graph's) get empty batches."""
+    inputs = session.get_inputs()
+    name = input_name or inputs[0].name
+    empty = {i.name: np.zeros((0,) + tuple(d if isinstance(d, int) else 0 for d in i.shape[1:]), dtype=np.float32)
+             for i in inputs if i.name != name}
+    wanted = output_names or [o.name for o in session.get_outputs()]
+    parts = [session.run(wanted, {name: x[i : i + batch], **empty}) for i in range(0, len(x), batch)]
     if not parts:
-        return [np.zeros((0,) + tuple(d if isinstance(d, int) else 0 for d in o.shape[1:]), dtype=np.float32)
-                for o in session.get_outputs()]
+        shapes = {o.name: o.shape for o in session.get_outputs()}
+        return [np.zeros((0,) + tuple(d if isinstance(d, int) else 0 for d in shapes[n][1:]), dtype=np.float32)
+                for n in wanted]
     return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
 
 

@@ -10,7 +10,7 @@ import datetime as _dt
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -320,7 +320,8 @@ def run(cfg: RunConfig, *, lung1: Path | None = None) -> RunResult:
     t0 = time.perf_counter()
     common = dict(size=cfg.model.size, context=cfg.model.context, seed=cfg.seed, hu_window=LUNG_WINDOW)
     patches = None
-    if cfg.train.patch:
+    reuse = cfg.classifier.detector
+    if cfg.train.patch and not reuse:
         cached = CachedSource(source, parts["train"])  # the training volumes serve patches and whole slices
         patches = build_patches(cached, parts["train"], patch=cfg.train.patch, jitter=cfg.train.jitter, **common)
         logger.info("%d training patches (%d malignant)", len(patches), int((patches.y == 1).sum()))
@@ -336,22 +337,37 @@ def run(cfg: RunConfig, *, lung1: Path | None = None) -> RunResult:
     logger.info("slices ready in %.1f s: %s", data_seconds, counts)
 
     # train: optionally on patches first (the fully convolutional default only), then on whole slices
-    model = build_model(cfg.model.arch, None if cfg.train.patch else cfg.model.size, channels, cfg.model.map_stride)
-    logger.info("model %s: %d parameters, input %s, outputs %s", cfg.model.arch, model.count_params(),
-                model.input_shape, [tuple(o.shape) for o in model.outputs])
-    log = EpochLog(cfg.train.patch_epochs + cfg.train.epochs)
+    two_stage = cfg.classifier.epochs > 0
+    onnx_path = out_dir / f"{cfg.name}.onnx"
+    detector_path = out_dir / f"{cfg.name}.detector.onnx" if two_stage else onnx_path
+    log = EpochLog(0 if reuse else cfg.train.patch_epochs + cfg.train.epochs)
     t0 = time.perf_counter()
-    stages = ([(patches, cfg.train.patch, cfg.train.patch_epochs, cfg.train.learning_rate)] if patches else []) + [
-        (train, 0, cfg.train.epochs, cfg.train.learning_rate / (3 if patches else 1))]
-    class_weights = _fit(model, stages, cfg, val, log)
-    del patches, stages
+    if reuse:
+        model, class_weights = None, {}
+        _reuse_detector(Path(reuse), detector_path, cfg)
+    else:
+        model = build_model(cfg.model.arch, None if cfg.train.patch else cfg.model.size, channels, cfg.model.map_stride)
+        logger.info("model %s: %d parameters, input %s, outputs %s", cfg.model.arch, model.count_params(),
+                    model.input_shape, [tuple(o.shape) for o in model.outputs])
+        stages = ([(patches, cfg.train.patch, cfg.train.patch_epochs, cfg.train.learning_rate)] if patches else []) + [
+            (train, 0, cfg.train.epochs, cfg.train.learning_rate / (3 if patches else 1))]
+        class_weights = _fit(model, stages, cfg, val, log)
+        del patches, stages
+        model.save(out_dir / f"{cfg.name}.keras")
     train_seconds = time.perf_counter() - t0
-    model.save(out_dir / f"{cfg.name}.keras")
+
+    # the first stage's export (its parity against TensorFlow) and its scores, from the exported graph
+    export_info = {"reused": reuse} if reuse else ex.export_onnx(model, detector_path, size=cfg.model.size,
+                                                                 channels=channels, opset=cfg.export.opset)
+    parity_info = ({"max_abs_diff": 0.0, "reused": reuse, "passed": True} if reuse
+                   else ex.parity(model, detector_path, test.x[:256], cfg.export.parity_tolerance))
+    session = ex.onnx_session(detector_path)
+    with_map = len(session.get_outputs()) > 1
+    val_scores, val_maps = _detector_predict(session, val.x)
+    test_scores, test_maps = _detector_predict(session, test.x)
 
     # threshold on validation study scores, metrics on test
     agg = cfg.export.aggregation
-    val_scores, val_maps = predict(model, val.x)
-    test_scores, test_maps = predict(model, test.x)
     val_y = np.array([c.label for c in val.cases])
     test_y = np.array([c.label for c in test.cases])
     val_study = study_scores(val_scores, val.case_index, len(val.cases), agg)
@@ -359,6 +375,7 @@ def run(cfg: RunConfig, *, lung1: Path | None = None) -> RunResult:
     threshold = youden_threshold(val_y, val_study)
     keep_v, keep_t = val.y != IGNORE, test.y != IGNORE
     slice_threshold = youden_threshold(val.y[keep_v], val_scores[keep_v])
+    parameters = _parameters(detector_path)
     metrics: dict[str, Any] = {
         "split": counts,
         "study": binary_metrics(test_y, test_study, threshold),
@@ -372,16 +389,17 @@ def run(cfg: RunConfig, *, lung1: Path | None = None) -> RunResult:
                 "test": roc_auc(test_y, study_scores(test_scores, test.case_index, len(test.cases), m))}
             for m in AGGREGATIONS},
         "class_weights": class_weights,
-        "model": {"arch": cfg.model.arch, "parameters": int(model.count_params()), "size": cfg.model.size,
-                  "context": cfg.model.context, "outputs": [OUTPUT_NAME] + ([MAP_OUTPUT_NAME] if has_map(model) else []),
-                  "map_stride": cfg.model.map_stride if has_map(model) else None,
+        "model": {"arch": cfg.model.arch, "parameters": parameters, "size": cfg.model.size,
+                  "context": cfg.model.context, "outputs": [OUTPUT_NAME] + ([MAP_OUTPUT_NAME] if with_map else []),
+                  "map_stride": cfg.model.map_stride if with_map else None,
                   "loss": ("slice BCE (class-weighted) + " f"{cfg.train.map_loss_weight:g} x " +
                            ("score-map focal loss (CenterNet, normalised by nodule centres)" if cfg.train.map_loss == "focal"
                             else f"score-map BCE per cell (cell weight 1 + {cfg.train.map_pos_weight - 1:g} x target)"))
-                  if has_map(model)
+                  if with_map
                   else "slice BCE (class-weighted)",
                   "schedule": (f"{cfg.train.patch_epochs} epochs on {cfg.train.patch}-pixel patches, then "
-                               if cfg.train.patch else "") + f"{cfg.train.epochs} epochs on whole slices"},
+                               if cfg.train.patch else "") + f"{cfg.train.epochs} epochs on whole slices"
+                  + (f" (reused: {reuse}, not trained in this run)" if reuse else "")},
         "best_epoch": log.best_epoch,
         "selection": "the epoch with the highest mean of validation study AUC, slice AUC and CPM (those it has)",
         "timing": {"data_s": round(data_seconds, 1), "train_s": round(train_seconds, 1),
@@ -396,19 +414,23 @@ def run(cfg: RunConfig, *, lung1: Path | None = None) -> RunResult:
         logger.info("test detection (%d malignant nodules, %d scans): FROC %s CPM %.3f; localisation error median "
                     "%.1f mm mean %.1f mm", d["targets"], d["scans"], d["sensitivity_at_fp_per_scan"], d["cpm"],
                     d["localisation_error_mm"]["median"], d["localisation_error_mm"]["mean"])
+    metrics["export"] = dict(export_info, opset=cfg.export.opset, outputs=_output_shapes(detector_path))
+    metrics["parity"] = parity_info
+
+    # the second stage: candidates of the exported first stage, scored by a patch classifier
+    classifier_entry: dict[str, Any] = {}
+    history: Any = log.history
+    if two_stage:
+        classifier_entry, threshold, test_study, test_scores = _second_stage(
+            cfg, source, parts, session, onnx_path, val, test, metrics)
+        history = {"detector": log.history, "classifier": metrics["classifier"]["history"]}
     plots = [
         plot_roc({"study": (test_y, test_study), "slice": (test.y[keep_t], test_scores[keep_t])},
                  out_dir / "roc.png", f"{cfg.name} {cfg.version}: test ROC"),
         plot_confusion(metrics["study"]["confusion_matrix"], out_dir / "confusion.png",
                        f"test studies, threshold {threshold:.3f}"),
     ]
-    (out_dir / "history.json").write_text(json.dumps(log.history, indent=2) + "\n")
-
-    # export + parity on held-out slices
-    onnx_path = out_dir / f"{cfg.name}.onnx"
-    metrics["export"] = ex.export_onnx(model, onnx_path, size=cfg.model.size, channels=channels, opset=cfg.export.opset)
-    metrics["export"]["opset"] = cfg.export.opset
-    metrics["parity"] = ex.parity(model, onnx_path, test.x[:256], cfg.export.parity_tolerance)
+    (out_dir / "history.json").write_text(json.dumps(history, indent=2) + "\n")
 
     # real-anatomy check
     evaluation: dict[str, Any] = {}
@@ -419,7 +441,8 @@ def run(cfg: RunConfig, *, lung1: Path | None = None) -> RunResult:
         if image.is_file():
             evaluation["lung1"] = evaluate_lung1(onnx_path, image, size=cfg.model.size, context=cfg.model.context,
                                                  aggregation=agg, threshold=threshold,
-                                                 training_slices=cfg.data.lung1_slices)
+                                                 training_slices=cfg.data.lung1_slices,
+                                                 classifier=classifier_entry or None)
         else:
             logger.warning("lung1 not found at %s: real-anatomy check skipped", image)
     if "lung1" in evaluation:
@@ -434,7 +457,8 @@ def run(cfg: RunConfig, *, lung1: Path | None = None) -> RunResult:
         "input_name": INPUT_NAME,
         "input_shape": [None, cfg.model.size, cfg.model.size, channels],
         "output_name": OUTPUT_NAME,
-        "map_output_name": MAP_OUTPUT_NAME if has_map(model) else "",
+        "map_output_name": MAP_OUTPUT_NAME if with_map else "",
+        "classifier": classifier_entry,
         "preprocessing_version": PREPROCESSING_VERSION,
         "size": cfg.model.size,
         "context": cfg.model.context,
@@ -452,8 +476,10 @@ def run(cfg: RunConfig, *, lung1: Path | None = None) -> RunResult:
             "slice": metrics["slice"],
             "onnx_vs_tensorflow_max_abs_diff": metrics["parity"]["max_abs_diff"],
             "architecture": f"{cfg.model.arch} ({metrics['model']['parameters']} parameters)",
-            "outputs": metrics["export"]["outputs"],
+            "outputs": _output_shapes(onnx_path),
             **(_card_detection(metrics["detection"], cfg.model.map_stride) if "detection" in metrics else {}),
+            **({"detector": metrics["detector"], "classifier": {k: v for k, v in metrics["classifier"].items()
+                                                                 if k != "history"}} if two_stage else {}),
             **({"labelling_rule": RULE} if synthetic else {}),
         },
         "evaluation": evaluation,
@@ -462,7 +488,146 @@ def run(cfg: RunConfig, *, lung1: Path | None = None) -> RunResult:
         "versions": ex.library_versions(),
     }
     card_file = ex.write_card(onnx_path, card)
+    if two_stage:  # the first stage alone, with its own card, so a later run can reuse it (classifier.detector)
+        d = metrics["detector"]
+        ex.write_card(onnx_path.with_name(onnx_path.stem + ".detector.onnx"), dict(
+            card, version=f"{cfg.version}-detector", classifier={}, threshold=round(d["threshold"], 6),
+            threshold_method=f"Youden's J on the validation split's study scores ({agg} of slice scores)",
+            metrics={"split": "test", "study": d["study"], "slice": d["slice"]},
+            evaluation={}))
     installed = ex.install(onnx_path, Path(cfg.export.install_to)) if cfg.export.install_to else None
     seconds = time.perf_counter() - start
     logger.info("run done in %.0f s", seconds)
     return RunResult(out_dir, onnx_path, card_file, metrics_path, plots, installed, metrics, evaluation, seconds)
+
+
+def _reuse_detector(source: Path, target: Path, cfg: RunConfig) -> None:
+    """Copy an exported first stage for this run, after checking that its card matches the run's input."""
+    import shutil
+
+    card_file = ex.card_path(source)
+    if not source.is_file() or not card_file.is_file():
+        raise ConfigError(f"classifier.detector: {source} (and its card {card_file.name}) not found")
+    card = json.loads(card_file.read_text())
+    if card.get("sha256") != ex.sha256_of(source):
+        raise ConfigError(f"classifier.detector: {source} does not match the sha256 of its card")
+    if (card.get("size"), card.get("context")) != (cfg.model.size, cfg.model.context) or not card.get("map_output_name"):
+        raise ConfigError(f"classifier.detector: {source} takes size {card.get('size')}, context {card.get('context')}"
+                          f" (map {card.get('map_output_name')!r}); the run has {cfg.model.size}, {cfg.model.context}"
+                          " and needs a map")
+    if card.get("classifier"):
+        raise ConfigError(f"classifier.detector: {source} has two stages already; give its first stage alone")
+    shutil.copyfile(source, target)
+    logger.info("first stage reused from %s (%s %s, sha256 %s...)", source, card.get("name"), card.get("version"),
+                card["sha256"][:12])
+
+
+def _detector_predict(session: Any, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(slice probabilities (n,), score maps (n, h, w, 1) or None) from the exported first stage."""
+    out = ex.onnx_outputs(session, x, batch=128)
+    return out[0][:, 0], (out[1] if len(out) > 1 else None)
+
+
+def _parameters(path: Path) -> int:
+    import onnx
+
+    return int(sum(int(np.prod(t.dims)) for t in onnx.load(str(path)).graph.initializer))
+
+
+def _output_shapes(path: Path) -> dict[str, list[Any]]:
+    import onnx
+
+    return {o.name: [d.dim_value if d.HasField("dim_value") else None for d in o.type.tensor_type.shape.dim]
+            for o in onnx.load(str(path)).graph.output}
+
+
+def _second_stage(cfg: RunConfig, source: Source, parts: dict[str, list[Any]], session: Any, onnx_path: Path,
+                  val: SliceSet, test: SliceSet, metrics: dict[str, Any]) -> tuple[dict[str, Any], float, np.ndarray, np.ndarray]:
+    """Train the classifier on the first stage's candidates, export it, merge both stages into ``onnx_path``.
+
+    The first stage's own figures move to ``metrics["detector"]``; the
+    headline figures (study, slice, detection, threshold) become the
+    two-stage model's. Returns (card entry, threshold, test study scores, test slice scores).
+    """
+    from training import classifier as cl
+
+    c = cfg.classifier
+    t0 = time.perf_counter()
+    common = dict(size=cfg.model.size, context=cfg.model.context, patch=c.patch, mm_per_pixel=c.mm_per_pixel,
+                  count=c.candidates, slack_mm=c.hit_slack_mm)
+    train_source, train_cases = source, list(parts["train"])
+    if c.extra_volumes:
+        train_source = make_source(replace(cfg, data=replace(cfg.data, volumes=cfg.data.volumes + c.extra_volumes)))
+        train_cases += train_source.cases()[cfg.data.volumes:]
+    train_c = cl.build_candidates(train_source, train_cases, session, copies=c.nodule_copies, seed=cfg.seed, **common)
+    val_c = cl.build_candidates(source, parts["val"], session, **common)
+    test_c = cl.build_candidates(source, parts["test"], session, **common)
+    data_s = time.perf_counter() - t0
+    logger.info("classifier samples: train %d (%d positive, %d volumes), val %d, test %d candidates (%.0f s)",
+                len(train_c), int(train_c.y.sum()), len(train_cases), len(val_c), len(test_c), data_s)
+    t0 = time.perf_counter()
+    model, history, best = cl.train_classifier(train_c, val_c, patch=c.patch, epochs=c.epochs,
+                                               learning_rate=c.learning_rate, lr_drop_epoch=c.lr_drop_epoch,
+                                               batch_size=c.batch_size, seed=cfg.seed)
+    train_s = time.perf_counter() - t0
+    part = onnx_path.with_name(onnx_path.stem + ".classifier.onnx")
+    export = cl.export_classifier(model, part, patch=c.patch, opset=cfg.export.opset)
+    merged = cl.merge(onnx_path.with_name(onnx_path.stem + ".detector.onnx"), part, onnx_path)
+    full = ex.onnx_session(onnx_path)
+
+    def scores(s: Any) -> np.ndarray:
+        return ex.onnx_outputs(full, s.x, 256, input_name=cl.INPUT_NAME, output_names=[cl.OUTPUT_NAME])[0][:, 0]
+
+    p_val, p_test = scores(val_c), scores(test_c)
+    tf_test = cl.predict(model, test_c.x[:256])
+    delta = float(np.max(np.abs(tf_test - p_test[:256]))) if len(tf_test) else 0.0
+    if delta > cfg.export.parity_tolerance:
+        raise ex.ExportError(f"{onnx_path}: classifier output differs from TensorFlow by {delta:.3g}")
+    metrics["parity"] = dict(metrics["parity"], classifier_max_abs_diff=delta,
+                             max_abs_diff=max(metrics["parity"]["max_abs_diff"], delta))
+    metrics["parity"].setdefault("max_abs_diff_per_output", {})[cl.OUTPUT_NAME] = delta
+
+    val_ref, test_ref = cl.refined(val_c, p_val), cl.refined(test_c, p_test)
+    val_y = np.array([k.label for k in val.cases])
+    test_y = np.array([k.label for k in test.cases])
+    val_study, test_study = cl.study_scores(val_ref), cl.study_scores(test_ref)
+    threshold = youden_threshold(val_y, val_study)
+    keep_v, keep_t = val.y != IGNORE, test.y != IGNORE
+    val_slices = cl.slice_scores(val_c, val_ref, val.case_index, val.slice_index)
+    test_slices = cl.slice_scores(test_c, test_ref, test.case_index, test.slice_index)
+    slice_threshold = youden_threshold(val.y[keep_v], val_slices[keep_v])
+    metrics["detector"] = {k: metrics.pop(k) for k in ("study", "slice", "detection", "threshold", "val_study",
+                                                       "study_auc_by_aggregation", "val_detection_cpm") if k in metrics}
+    metrics["study"] = binary_metrics(test_y, test_study, threshold)
+    metrics["val_study"] = binary_metrics(val_y, val_study, threshold)
+    metrics["slice"] = binary_metrics(test.y[keep_t], test_slices[keep_t], slice_threshold)
+    metrics["threshold"] = threshold
+    metrics["threshold_method"] = ("Youden's J on the validation split's study scores (the classifier's best "
+                                   "candidate per study)")
+    metrics["detection"] = detection_metrics_of(test_c, test_ref)
+    metrics["val_detection_cpm"] = detection_metrics_of(val_c, val_ref)["cpm"]
+    metrics["classifier"] = {
+        "architecture": f"patch CNN ({int(model.count_params())} parameters)",
+        "samples": {"train": len(train_c), "train_positive": int(train_c.y.sum()), "train_volumes": len(train_cases),
+                    "extra_volumes": c.extra_volumes, "val_candidates": len(val_c), "test_candidates": len(test_c)},
+        "candidate_auc": {"val": roc_auc(val_c.y, p_val), "test": roc_auc(test_c.y, p_test)},
+        "best_epoch": best,
+        "history": history,
+        "export": dict(export, merged=merged),
+        "timing": {"data_s": round(data_s, 1), "train_s": round(train_s, 1)},
+    }
+    d = metrics["detection"]
+    logger.info("two-stage test: study AUC %.3f (detector alone %.3f), slice AUC %.3f, CPM %.3f (detector %.3f), "
+                "threshold %.3f", metrics["study"]["roc_auc"], metrics["detector"]["study"]["roc_auc"],
+                metrics["slice"]["roc_auc"], d["cpm"], metrics["detector"].get("detection", {}).get("cpm", float("nan")),
+                threshold)
+    entry = cl.card_entry(c.patch, c.mm_per_pixel, c.candidates)
+    return entry, threshold, test_study, test_slices
+
+
+def detection_metrics_of(s: Any, per_case: list[Any]) -> dict[str, Any]:
+    """FROC, CPM and localisation error of a two-stage model's candidates (the classifier's probabilities)."""
+    from training.detection import peak_metrics
+
+    return peak_metrics(per_case, s.geometry, min_probability=0.0, max_peaks=len(max(s.peaks, key=len, default=[])),
+                        function="node.preprocessing.locate_peaks, then the classifier (node.preprocessing.rescored)")
