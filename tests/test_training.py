@@ -98,6 +98,66 @@ def test_tiny_run_goes_from_data_to_a_scoring_onnx_session(tmp_path, lung1_image
     assert e["top_slice"] == int(np.argmax(scores[:, 0]))
 
 
+@pytest.mark.timeout(300)
+def test_tiny_two_stage_run_merges_a_classifier_that_the_node_runs(tmp_path, lung1_image_path, lung1, capsys):
+    """The first stage, then the classifier on its candidates: one merged ONNX graph (slices and patches in,
+    p_malignant, score_map and p_candidate out), parity on every output, two-stage figures, and the node's
+    Model scoring lung1 as the card's evaluation says."""
+    pytest.importorskip("tensorflow")
+    from training.__main__ import main
+
+    out = tmp_path / "run"
+    rc = main(["--config", str(TINY), "--out-dir", str(out), "--lung1", str(lung1_image_path),
+               "--set", "classifier.epochs=2", "--set", "classifier.patch=16", "--set", "classifier.mm_per_pixel=3.0",
+               "--set", "classifier.candidates=4", "--set", "classifier.extra_volumes=2",
+               "--set", "classifier.lr_drop_epoch=2", "--set", 'export.aggregation="max"'])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    onnx_path = out / "ainode-tiny.onnx"
+    metrics = json.loads((out / "metrics.json").read_text())
+    per = metrics["parity"]["max_abs_diff_per_output"]
+    assert set(per) == {"p_malignant", "score_map", "p_candidate"} and all(v <= 1e-5 for v in per.values())
+    assert metrics["classifier"]["samples"]["train_volumes"] == metrics["split"]["train"]["cases"] + 2
+    assert len(metrics["classifier"]["history"]) == 2 and metrics["classifier"]["best_epoch"] in (1, 2)
+    assert {"study", "slice", "detection"} <= set(metrics["detector"])  # the first stage's own figures, kept
+    assert 0.0 <= metrics["detection"]["cpm"] <= 1.0 and "classifier" in metrics["detection"]["candidates"]["function"]
+    history = json.loads((out / "history.json").read_text())
+    assert len(history["detector"]) == 2 and len(history["classifier"]) == 2
+
+    card = ModelCard.read(onnx_path)
+    card.check(onnx_path, PREPROCESSING_VERSION)
+    c = card.second_stage(onnx_path)
+    assert c is not None and (c.size, c.candidates, c.channels) == (16, 4, 6) and card.aggregation == "max"
+    assert card.metrics["outputs"] == {"p_malignant": [None, 1], "score_map": [None, 8, 8, 1], "p_candidate": [None, 1]}
+
+    from node.infer import Model
+
+    model = Model(onnx_path, "cpu")
+    volume, spacing = lung1[0], tuple(lung1[1])
+    analysis = model.analyse(volume, spacing=spacing, max_peaks=4)
+    e = card.evaluation["lung1"]
+    assert analysis.score == pytest.approx(e["study_score"], abs=1e-4)
+    assert [round(float(v), 4) for v in analysis.slice_scores] == e["slice_scores"]
+    top = analysis.peaks[0]
+    assert (top.slice, round(top.row, 1), round(top.column, 1)) == (e["top_finding"]["slice"], e["top_finding"]["row"],
+                                                                     e["top_finding"]["column"])
+    assert analysis.score == pytest.approx(top.probability) and analysis.detector_score is not None
+    assert np.count_nonzero(analysis.slice_scores) <= 4  # only slices the candidates lie on score
+
+    # the first stage alone has its own card, and a second run reuses it instead of training one
+    detector = out / "ainode-tiny.detector.onnx"
+    assert ModelCard.read(detector).second_stage(detector) is None
+    again = tmp_path / "again"
+    rc = main(["--config", str(TINY), "--out-dir", str(again), "--lung1", str(lung1_image_path),
+               "--set", "classifier.epochs=1", "--set", "classifier.patch=16", "--set", "classifier.mm_per_pixel=3.0",
+               "--set", "classifier.candidates=4", "--set", 'export.aggregation="max"',
+               "--set", f'classifier.detector="{detector}"'])
+    assert rc == 0, capsys.readouterr().out
+    reused = json.loads((again / "metrics.json").read_text())
+    assert reused["detector"]["study"] == metrics["detector"]["study"]  # the same first stage, the same figures
+    assert "reused" in reused["model"]["schedule"] and (again / "ainode-tiny.detector.onnx").read_bytes() == detector.read_bytes()
+
+
 # --------------------------------------------------------------------------- semi-synthetic set
 
 
@@ -307,6 +367,34 @@ def test_config_names_the_bad_key(tmp_path):
     with pytest.raises(ConfigError, match="model.arch"):
         load_config(bad)
     assert load_config(TINY).model.size == 32
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"classifier.epochs": 2}, 'set "max"'),  # the tiny config aggregates top3_mean
+        ({"classifier.epochs": 2, "export.aggregation": "max", "model.arch": "seed", "train.patch": 0,
+          "train.patch_epochs": 0}, "the seed architecture has no map"),
+        ({"classifier.detector": "x.onnx"}, "only makes sense with classifier.epochs"),
+        ({"classifier.epochs": 1, "export.aggregation": "max", "classifier.patch": 20}, "patch a multiple of 8"),
+    ],
+)
+def test_classifier_config_is_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TINY, overrides)
+
+
+def test_a_reused_first_stage_must_exist_and_match_the_run(tmp_path, lung1_image_path):
+    from training.train import run
+
+    cfg = load_config(TINY, {"classifier.epochs": 1, "export.aggregation": "max", "out_dir": str(tmp_path / "r"),
+                             "classifier.detector": str(tmp_path / "missing.onnx")})
+    with pytest.raises(ConfigError, match="missing.onnx .* not found"):
+        run(cfg, lung1=lung1_image_path)
+    cfg = load_config(TINY, {"classifier.epochs": 1, "export.aggregation": "max", "out_dir": str(tmp_path / "r"),
+                             "classifier.detector": str(BUNDLED)})  # size 128, the tiny run 32
+    with pytest.raises(ConfigError, match="takes size 128"):
+        run(cfg, lung1=lung1_image_path)
 
 
 # --------------------------------------------------------------------------- the bundled model

@@ -112,8 +112,9 @@ def build_candidates(source: Source, cases: Sequence[Case], session: Any, *, siz
     """Every case's candidates as patches; ``copies`` > 0 (training) adds jittered copies of its nodules.
 
     A malignant nodule gets ``copies`` patches, a benign one half as many (at
-    least one): centred within half its radius (at most 4 mm) of its centre,
-    on the slice nearest a point within 0.4 slice of it.
+    least one): centred within a quarter of its diameter (at most 4 mm) of its
+    centre in-plane, on the slice nearest a point within 0.4 slice of its
+    centre along z.
     """
     rng = np.random.default_rng([seed, 31])
     xs, ys, owner, is_cand, peaks, geometry, depth = [], [], [], [], [], [], []

@@ -570,6 +570,7 @@ def _second_stage(cfg: RunConfig, source: Source, parts: dict[str, list[Any]], s
                                                learning_rate=c.learning_rate, lr_drop_epoch=c.lr_drop_epoch,
                                                batch_size=c.batch_size, seed=cfg.seed)
     train_s = time.perf_counter() - t0
+    model.save(onnx_path.with_name(onnx_path.stem + ".classifier.keras"))
     part = onnx_path.with_name(onnx_path.stem + ".classifier.onnx")
     export = cl.export_classifier(model, part, patch=c.patch, opset=cfg.export.opset)
     merged = cl.merge(onnx_path.with_name(onnx_path.stem + ".detector.onnx"), part, onnx_path)
