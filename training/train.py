@@ -342,9 +342,10 @@ def run(cfg: RunConfig, *, lung1: Path | None = None) -> RunResult:
     detector_path = out_dir / f"{cfg.name}.detector.onnx" if two_stage else onnx_path
     log = EpochLog(0 if reuse else cfg.train.patch_epochs + cfg.train.epochs)
     t0 = time.perf_counter()
+    reused_card: dict[str, Any] = {}
     if reuse:
         model, class_weights = None, {}
-        _reuse_detector(Path(reuse), detector_path, cfg)
+        reused_card = _reuse_detector(Path(reuse), detector_path, cfg)
     else:
         model = build_model(cfg.model.arch, None if cfg.train.patch else cfg.model.size, channels, cfg.model.map_stride)
         logger.info("model %s: %d parameters, input %s, outputs %s", cfg.model.arch, model.count_params(),
@@ -359,7 +360,9 @@ def run(cfg: RunConfig, *, lung1: Path | None = None) -> RunResult:
     # the first stage's export (its parity against TensorFlow) and its scores, from the exported graph
     export_info = {"reused": reuse} if reuse else ex.export_onnx(model, detector_path, size=cfg.model.size,
                                                                  channels=channels, opset=cfg.export.opset)
-    parity_info = ({"max_abs_diff": 0.0, "reused": reuse, "passed": True} if reuse
+    parity_info = ({"max_abs_diff": float(reused_card.get("metrics", {}).get("onnx_vs_tensorflow_max_abs_diff", 0.0)),
+                    "reused": reuse, "passed": True, "measured": "when the reused first stage was exported (its card)"}
+                   if reuse
                    else ex.parity(model, detector_path, test.x[:256], cfg.export.parity_tolerance))
     session = ex.onnx_session(detector_path)
     with_map = len(session.get_outputs()) > 1
@@ -493,7 +496,8 @@ def run(cfg: RunConfig, *, lung1: Path | None = None) -> RunResult:
         ex.write_card(onnx_path.with_name(onnx_path.stem + ".detector.onnx"), dict(
             card, version=f"{cfg.version}-detector", classifier={}, threshold=round(d["threshold"], 6),
             threshold_method=f"Youden's J on the validation split's study scores ({agg} of slice scores)",
-            metrics={"split": "test", "study": d["study"], "slice": d["slice"]},
+            metrics={"split": "test", "study": d["study"], "slice": d["slice"],
+                     "onnx_vs_tensorflow_max_abs_diff": parity_info["max_abs_diff"]},
             evaluation={}))
     installed = ex.install(onnx_path, Path(cfg.export.install_to)) if cfg.export.install_to else None
     seconds = time.perf_counter() - start
@@ -501,8 +505,8 @@ def run(cfg: RunConfig, *, lung1: Path | None = None) -> RunResult:
     return RunResult(out_dir, onnx_path, card_file, metrics_path, plots, installed, metrics, evaluation, seconds)
 
 
-def _reuse_detector(source: Path, target: Path, cfg: RunConfig) -> None:
-    """Copy an exported first stage for this run, after checking that its card matches the run's input."""
+def _reuse_detector(source: Path, target: Path, cfg: RunConfig) -> dict[str, Any]:
+    """Copy an exported first stage for this run, after checking that its card matches the run's input; its card."""
     import shutil
 
     card_file = ex.card_path(source)
@@ -520,6 +524,7 @@ def _reuse_detector(source: Path, target: Path, cfg: RunConfig) -> None:
     shutil.copyfile(source, target)
     logger.info("first stage reused from %s (%s %s, sha256 %s...)", source, card.get("name"), card.get("version"),
                 card["sha256"][:12])
+    return card
 
 
 def _detector_predict(session: Any, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
