@@ -33,6 +33,12 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def _missing(cls: type, data: dict[str, Any]) -> list[str]:
+    """The fields of dataclass ``cls`` without a default that ``data`` lacks."""
+    return [k for k, f in cls.__dataclass_fields__.items()  # type: ignore[attr-defined]
+            if k not in data and f.default is f.default_factory]
+
+
 @dataclass(frozen=True)
 class Classifier:
     """A model's second stage: a CNN that scores patches cut around the score map's candidates.
@@ -62,7 +68,7 @@ class Classifier:
         if not isinstance(data, dict):
             raise ModelError(f"{where}: classifier must be an object, got {type(data).__name__}")
         known = set(cls.__dataclass_fields__)
-        missing = [k for k, f in cls.__dataclass_fields__.items() if k not in data and f.default is f.default_factory]  # type: ignore[misc]
+        missing = _missing(cls, data)
         if missing:
             raise ModelError(f"{where}: classifier lacks {', '.join(missing)}")
         try:
@@ -140,7 +146,7 @@ class ModelCard:
         except (OSError, ValueError) as exc:
             raise ModelError(f"{path}: unreadable model card: {exc}") from None
         known = set(cls.__dataclass_fields__)
-        missing = [k for k, f in cls.__dataclass_fields__.items() if k not in data and f.default is f.default_factory]  # type: ignore[misc]
+        missing = _missing(cls, data)
         if missing:
             raise ModelError(f"{path}: model card lacks {', '.join(missing)}")
         return cls(**{k: v for k, v in data.items() if k in known})

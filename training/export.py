@@ -44,7 +44,6 @@ def export_onnx(model: Any, path: Path, *, size: int, channels: int, opset: int 
     Outputs, in this order: ``p_malignant`` [N, 1] and, for a model with a map,
     ``score_map`` [N, h, w, 1]. Returns {"seconds", "bytes", "outputs": {name: shape}}.
     """
-    import onnx
     import tensorflow as tf
     import tf2onnx
 
@@ -64,15 +63,25 @@ def export_onnx(model: Any, path: Path, *, size: int, channels: int, opset: int 
     except Exception as exc:  # tf2onnx raises many kinds; name the step
         raise ExportError(f"tf2onnx conversion to {path} failed: {exc}") from exc
     seconds = time.perf_counter() - start
-    graph = onnx.load(str(path)).graph
-    got = [o.name for o in graph.output]
-    if got != names:
-        raise ExportError(f"{path}: graph outputs {got}, expected {names} (slice probability first)")
-    shapes = {o.name: [d.dim_value if d.HasField("dim_value") else None for d in o.type.tensor_type.shape.dim]
-              for o in graph.output}
+    shapes = output_shapes(path)
+    if list(shapes) != names:
+        raise ExportError(f"{path}: graph outputs {list(shapes)}, expected {names} (slice probability first)")
     logger.info("exported %s (opset %d, %.1f MB, outputs %s) in %.1f s", path, opset, path.stat().st_size / 1e6,
                 shapes, seconds)
     return {"seconds": round(seconds, 2), "bytes": path.stat().st_size, "outputs": shapes}
+
+
+def output_shapes(path: Path) -> dict[str, list[Any]]:
+    """The graph's outputs in order, name -> shape (None for a symbolic dimension)."""
+    import onnx
+
+    return {o.name: [d.dim_value if d.HasField("dim_value") else None for d in o.type.tensor_type.shape.dim]
+            for o in onnx.load(str(path)).graph.output}
+
+
+def _empty(shape: Any) -> np.ndarray:
+    """A batch of 0 rows of an ONNX Runtime input or output's shape (its first dimension dropped)."""
+    return np.zeros((0,) + tuple(d if isinstance(d, int) else 0 for d in shape[1:]), dtype=np.float32)
 
 
 def onnx_session(path: Path) -> Any:
@@ -90,14 +99,12 @@ def onnx_outputs(session: Any, x: np.ndarray, batch: int = 64, *, input_name: st
     input), in batches, concatenated. A graph's other inputs (a two-stage graph's) get empty batches."""
     inputs = session.get_inputs()
     name = input_name or inputs[0].name
-    empty = {i.name: np.zeros((0,) + tuple(d if isinstance(d, int) else 0 for d in i.shape[1:]), dtype=np.float32)
-             for i in inputs if i.name != name}
+    empty = {i.name: _empty(i.shape) for i in inputs if i.name != name}
     wanted = output_names or [o.name for o in session.get_outputs()]
     parts = [session.run(wanted, {name: x[i : i + batch], **empty}) for i in range(0, len(x), batch)]
     if not parts:
         shapes = {o.name: o.shape for o in session.get_outputs()}
-        return [np.zeros((0,) + tuple(d if isinstance(d, int) else 0 for d in shapes[n][1:]), dtype=np.float32)
-                for n in wanted]
+        return [_empty(shapes[n]) for n in wanted]
     return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
 
 

@@ -417,7 +417,7 @@ def run(cfg: RunConfig, *, lung1: Path | None = None) -> RunResult:
         logger.info("test detection (%d malignant nodules, %d scans): FROC %s CPM %.3f; localisation error median "
                     "%.1f mm mean %.1f mm", d["targets"], d["scans"], d["sensitivity_at_fp_per_scan"], d["cpm"],
                     d["localisation_error_mm"]["median"], d["localisation_error_mm"]["mean"])
-    metrics["export"] = dict(export_info, opset=cfg.export.opset, outputs=_output_shapes(detector_path))
+    metrics["export"] = dict(export_info, opset=cfg.export.opset, outputs=ex.output_shapes(detector_path))
     metrics["parity"] = parity_info
 
     # the second stage: candidates of the exported first stage, scored by a patch classifier
@@ -479,7 +479,7 @@ def run(cfg: RunConfig, *, lung1: Path | None = None) -> RunResult:
             "slice": metrics["slice"],
             "onnx_vs_tensorflow_max_abs_diff": metrics["parity"]["max_abs_diff"],
             "architecture": f"{cfg.model.arch} ({metrics['model']['parameters']} parameters)",
-            "outputs": _output_shapes(onnx_path),
+            "outputs": ex.output_shapes(onnx_path),
             **(_card_detection(metrics["detection"], cfg.model.map_stride) if "detection" in metrics else {}),
             **({"detector": metrics["detector"], "classifier": {k: v for k, v in metrics["classifier"].items()
                                                                  if k != "history"}} if two_stage else {}),
@@ -537,13 +537,6 @@ def _parameters(path: Path) -> int:
     import onnx
 
     return int(sum(int(np.prod(t.dims)) for t in onnx.load(str(path)).graph.initializer))
-
-
-def _output_shapes(path: Path) -> dict[str, list[Any]]:
-    import onnx
-
-    return {o.name: [d.dim_value if d.HasField("dim_value") else None for d in o.type.tensor_type.shape.dim]
-            for o in onnx.load(str(path)).graph.output}
 
 
 def _second_stage(cfg: RunConfig, source: Source, parts: dict[str, list[Any]], session: Any, onnx_path: Path,
@@ -610,8 +603,8 @@ def _second_stage(cfg: RunConfig, source: Source, parts: dict[str, list[Any]], s
     metrics["threshold"] = threshold
     metrics["threshold_method"] = ("Youden's J on the validation split's study scores (the classifier's best "
                                    "candidate per study)")
-    metrics["detection"] = detection_metrics_of(test_c, test_ref)
-    metrics["val_detection_cpm"] = detection_metrics_of(val_c, val_ref)["cpm"]
+    metrics["detection"] = detection_metrics_of(test_c, test_ref, c.candidates)
+    metrics["val_detection_cpm"] = detection_metrics_of(val_c, val_ref, c.candidates)["cpm"]
     metrics["classifier"] = {
         "architecture": f"patch CNN ({int(model.count_params())} parameters)",
         "samples": {"train": len(train_c), "train_positive": int(train_c.y.sum()), "train_volumes": len(train_cases),
@@ -631,9 +624,9 @@ def _second_stage(cfg: RunConfig, source: Source, parts: dict[str, list[Any]], s
     return entry, threshold, test_study, test_slices
 
 
-def detection_metrics_of(s: Any, per_case: list[Any]) -> dict[str, Any]:
+def detection_metrics_of(s: Any, per_case: list[Any], candidates: int) -> dict[str, Any]:
     """FROC, CPM and localisation error of a two-stage model's candidates (the classifier's probabilities)."""
     from training.detection import peak_metrics
 
-    return peak_metrics(per_case, s.geometry, min_probability=0.0, max_peaks=len(max(s.peaks, key=len, default=[])),
+    return peak_metrics(per_case, s.geometry, min_probability=0.0, max_peaks=candidates,
                         function="node.preprocessing.locate_peaks, then the classifier (node.preprocessing.rescored)")
