@@ -57,6 +57,7 @@ class Classifier:
     windows: list[list[float]]  # [[center, width], ...] HU; channels = planes x windows, plane-major
     candidates: int  # score-map peaks scored per study, best first
     min_distance_mm: float = 15.0  # their non-maximum suppression
+    search_mm: float = 0.0  # each is also scored on the slices within this of it along z, and keeps its best
 
     @property
     def channels(self) -> int:
@@ -73,13 +74,14 @@ class Classifier:
             raise ModelError(f"{where}: classifier lacks {', '.join(missing)}")
         try:
             c = cls(**{k: v for k, v in data.items() if k in known})
-            ok = (c.size >= 1 and c.mm_per_pixel > 0 and c.candidates >= 1 and c.z_offsets_mm
+            ok = (c.size >= 1 and c.mm_per_pixel > 0 and c.candidates >= 1 and float(c.search_mm) >= 0
+                  and c.z_offsets_mm
                   and c.windows and all(len(w) == 2 and float(w[1]) > 0 for w in c.windows))
         except (TypeError, ValueError):
             ok = False
         if not ok:
-            raise ModelError(f"{where}: classifier has an unusable size, mm_per_pixel, candidates, z_offsets_mm "
-                             f"or windows: {data}")
+            raise ModelError(f"{where}: classifier has an unusable size, mm_per_pixel, candidates, search_mm, "
+                             f"z_offsets_mm or windows: {data}")
         return c
 
 

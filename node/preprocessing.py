@@ -335,6 +335,40 @@ def rescored(peaks: Sequence[Peak], probabilities: Sequence[float]) -> list[Peak
     return [Peak(peaks[i].slice, peaks[i].row, peaks[i].column, float(probabilities[i])) for i in order]
 
 
+def search_slices(candidates: Sequence[Peak], depth: int, slice_mm: float, search_mm: float) -> list[tuple[int, int]]:
+    """The (candidate index, slice) pairs a second stage scores: each candidate on its own slice first, then on
+    every other slice of the volume within ``search_mm`` of it along z, nearest first.
+
+    The first stage points at a nodule to within a slice or two: its map is
+    per slice and a nodule spans several. The second stage reads a patch
+    centred on one slice; scoring a candidate on its neighbours too lets it
+    find the slice through the nodule's middle, which is what it was trained on.
+    """
+    reach = int(np.floor(search_mm / slice_mm + 1e-9)) if slice_mm > 0 and search_mm > 0 else 0
+    pairs = []
+    for i, p in enumerate(candidates):
+        pairs.append((i, p.slice))
+        for d in range(1, reach + 1):
+            pairs.extend((i, k) for k in (p.slice - d, p.slice + d) if 0 <= k < depth)
+    return pairs
+
+
+def best_slices(candidates: Sequence[Peak], pairs: Sequence[tuple[int, int]],
+                probabilities: Sequence[float]) -> list[Peak]:
+    """Each candidate on the slice of its ``pairs`` that scored highest (the first of them on a tie: its own,
+    from :func:`search_slices`), with that probability; best first (:func:`rescored`). Every candidate needs a pair."""
+    if len(pairs) != len(probabilities):
+        raise ValueError(f"{len(pairs)} (candidate, slice) pairs but {len(probabilities)} probabilities")
+    best: dict[int, tuple[float, int]] = {}
+    for (i, k), v in zip(pairs, probabilities):
+        if i not in best or float(v) > best[i][0]:
+            best[i] = (float(v), int(k))
+    if sorted(best) != list(range(len(candidates))):
+        raise ValueError(f"pairs cover candidates {sorted(best)}, not all {len(candidates)}")
+    moved = [Peak(best[i][1], p.row, p.column, p.probability) for i, p in enumerate(candidates)]
+    return rescored(moved, [best[i][0] for i in range(len(candidates))])
+
+
 def score_candidates(
     volume_hu: np.ndarray,
     candidates: Sequence[Peak],
@@ -345,21 +379,25 @@ def score_candidates(
     mm_per_pixel: float,
     z_offsets_mm: Sequence[float],
     windows: Sequence[Sequence[float]],
+    search_mm: float = 0.0,
     batch_size: int = 64,
 ) -> list[Peak]:
-    """``candidates`` rescored by a second stage, best first: :func:`prepare_patches` around each, in batches,
-    through ``score`` (patches -> one probability each), then :func:`rescored`."""
-    probabilities = np.empty(len(candidates), dtype=np.float32)
+    """``candidates`` rescored by a second stage, best first: :func:`prepare_patches` around each on its slice
+    and on those within ``search_mm`` (:func:`search_slices`), in batches, through ``score`` (patches -> one
+    probability each); each candidate keeps its best slice and probability (:func:`best_slices`)."""
+    pairs = search_slices(candidates, volume_hu.shape[0], float(spacing[0]), search_mm)
+    probabilities = np.empty(len(pairs), dtype=np.float32)
     win = [(float(w[0]), float(w[1])) for w in windows]
-    for start in range(0, len(candidates), batch_size):
-        chunk = candidates[start : start + batch_size]
-        patches = prepare_patches(volume_hu, [(p.slice, p.row, p.column) for p in chunk], spacing=spacing, size=size,
-                                  mm_per_pixel=mm_per_pixel, z_offsets_mm=z_offsets_mm, windows=win)
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        centres = [(float(k), candidates[i].row, candidates[i].column) for i, k in chunk]
+        patches = prepare_patches(volume_hu, centres, spacing=spacing, size=size, mm_per_pixel=mm_per_pixel,
+                                  z_offsets_mm=z_offsets_mm, windows=win)
         out = np.asarray(score(patches), dtype=np.float32).reshape(-1)
         if out.size != len(chunk):
             raise ValueError(f"the second stage gave {out.size} probabilities for {len(chunk)} patches")
         probabilities[start : start + len(chunk)] = out
-    return rescored(candidates, probabilities)
+    return best_slices(candidates, pairs, probabilities)
 
 
 def slice_scores_of(peaks: Sequence[Peak], depth: int) -> np.ndarray:

@@ -131,3 +131,20 @@ def test_rescored_peaks_and_their_slice_scores():
     assert scores.dtype == np.float32 and scores.tolist() == pytest.approx([0, 0, 0, 0.7, 0, 0.7, 0, 0])
     with pytest.raises(ValueError, match="3 peaks but 2 probabilities"):
         rescored(found, [0.1, 0.2])
+
+
+def test_a_search_scores_each_candidate_on_its_neighbouring_slices_and_keeps_its_best():
+    from node.preprocessing import Peak, best_slices, search_slices
+
+    found = [Peak(0, 10.0, 10.0, 0.9), Peak(5, 50.0, 50.0, 0.6)]
+    assert search_slices(found, 6, 2.0, 0.0) == [(0, 0), (1, 5)]  # no search: the candidates as they are
+    assert search_slices(found, 6, 2.0, 3.9) == [(0, 0), (0, 1), (1, 5), (1, 4)]  # one slice each way, in the volume
+    pairs = search_slices(found, 6, 2.0, 4.0)
+    assert pairs == [(0, 0), (0, 1), (0, 2), (1, 5), (1, 4), (1, 3)]
+    best = best_slices(found, pairs, [0.2, 0.2, 0.1, 0.3, 0.8, 0.5])
+    assert [(p.slice, p.row, round(p.probability, 6)) for p in best] == [(4, 50.0, 0.8), (0, 10.0, 0.2)]
+    assert best_slices(found, pairs[:1] + pairs[3:4], [0.4, 0.3])[0].slice == 0  # searched or not, same rule
+    with pytest.raises(ValueError, match="6 .* pairs but 5 probabilities"):
+        best_slices(found, pairs, [0.1] * 5)
+    with pytest.raises(ValueError, match=r"pairs cover candidates \[0\], not all 2"):
+        best_slices(found, pairs[:3], [0.1] * 3)

@@ -144,18 +144,27 @@ def test_tiny_two_stage_run_merges_a_classifier_that_the_node_runs(tmp_path, lun
     assert analysis.score == pytest.approx(top.probability) and analysis.detector_score is not None
     assert np.count_nonzero(analysis.slice_scores) <= 4  # only slices the candidates lie on score
 
-    # the first stage alone has its own card, and a second run reuses it instead of training one
+    # the first stage alone has its own card, and a second run reuses it instead of training one; that run
+    # also searches each candidate's neighbouring slices (lung1: 5 mm, one either side), as its node will
     detector = out / "ainode-tiny.detector.onnx"
     assert ModelCard.read(detector).second_stage(detector) is None
     again = tmp_path / "again"
     rc = main(["--config", str(TINY), "--out-dir", str(again), "--lung1", str(lung1_image_path),
                "--set", "classifier.epochs=1", "--set", "classifier.patch=16", "--set", "classifier.mm_per_pixel=3.0",
                "--set", "classifier.candidates=4", "--set", 'export.aggregation="max"',
-               "--set", f'classifier.detector="{detector}"'])
+               "--set", f'classifier.detector="{detector}"', "--set", "classifier.search_mm=5.0"])
     assert rc == 0, capsys.readouterr().out
     reused = json.loads((again / "metrics.json").read_text())
     assert reused["detector"]["study"] == metrics["detector"]["study"]  # the same first stage, the same figures
     assert "reused" in reused["model"]["schedule"] and (again / "ainode-tiny.detector.onnx").read_bytes() == detector.read_bytes()
+    searching_path = again / "ainode-tiny.onnx"
+    searching_card = ModelCard.read(searching_path)
+    assert searching_card.second_stage(searching_path).search_mm == 5.0
+    assert reused["classifier"]["samples"]["val_candidates"] > metrics["classifier"]["samples"]["val_candidates"]
+    searched = Model(searching_path, "cpu").analyse(volume, spacing=spacing, max_peaks=4)
+    e = searching_card.evaluation["lung1"]
+    assert [round(float(v), 4) for v in searched.slice_scores] == e["slice_scores"]
+    assert (searched.peaks[0].slice, round(searched.peaks[0].row, 1)) == (e["top_finding"]["slice"], e["top_finding"]["row"])
 
 
 # --------------------------------------------------------------------------- semi-synthetic set

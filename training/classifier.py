@@ -10,7 +10,7 @@ patch cut from the source HU at a fixed scale in mm
 (:func:`node.preprocessing.prepare_patches`), on three planes along z and in
 two windows (lung, and soft tissue, where calcium and soft tissue differ), and
 gives each candidate its own probability of being a malignant nodule. The
-study score is the best candidate's (:func:`node.preprocessing.rescored`,
+study score is the best candidate's (:func:`node.preprocessing.best_slices`,
 :func:`node.preprocessing.slice_scores_of`), exactly as the node computes it.
 
 Training samples, per training volume: the first stage's candidates, labelled
@@ -34,10 +34,11 @@ from node.preprocessing import (
     LUNG_WINDOW,
     SOFT_TISSUE_WINDOW,
     Peak,
+    best_slices,
     locate_peaks,
     prepare_patches,
     prepare_slices,
-    rescored,
+    search_slices,
     slice_scores_of,
 )
 from training.data import MALIGNANT, Case, CaseGeometry, Source
@@ -55,11 +56,11 @@ CHANNELS = len(Z_OFFSETS_MM) * len(WINDOWS)
 CANDIDATE_DISTANCE_MM = 15.0
 
 
-def card_entry(size: int, mm_per_pixel: float, candidates: int) -> dict[str, Any]:
+def card_entry(size: int, mm_per_pixel: float, candidates: int, search_mm: float = 0.0) -> dict[str, Any]:
     """The card's ``classifier`` object (``node.model_card.Classifier``)."""
     return {"input_name": INPUT_NAME, "output_name": OUTPUT_NAME, "size": size, "mm_per_pixel": mm_per_pixel,
             "z_offsets_mm": list(Z_OFFSETS_MM), "windows": [list(w) for w in WINDOWS], "candidates": candidates,
-            "min_distance_mm": CANDIDATE_DISTANCE_MM}
+            "min_distance_mm": CANDIDATE_DISTANCE_MM, "search_mm": search_mm}
 
 
 @dataclass
@@ -70,7 +71,8 @@ class CandidateSet:
     y: np.ndarray  # float32 (n,): 1 on a malignant nodule
     case_index: np.ndarray  # (n,) index into cases
     candidate: np.ndarray  # bool (n,): a first-stage candidate (what the node scores), not a nodule copy
-    peaks: list[list[Peak]]  # per case, its candidates, best first (the rows where candidate is set, in order)
+    peaks: list[list[Peak]]  # per case, its candidates, best first
+    pairs: list[list[tuple[int, int]]]  # per case, (candidate, slice) of its candidate rows, in order
     cases: list[Case]
     geometry: list[CaseGeometry]
     depth: list[int]  # slices per case
@@ -108,8 +110,11 @@ def candidates_of(maps: np.ndarray, shape: tuple[int, int], spacing: tuple[float
 
 def build_candidates(source: Source, cases: Sequence[Case], session: Any, *, size: int, context: int,
                      patch: int, mm_per_pixel: float, count: int, slack_mm: float, copies: int = 0,
-                     seed: int = 0) -> CandidateSet:
+                     search_mm: float = 0.0, seed: int = 0) -> CandidateSet:
     """Every case's candidates as patches; ``copies`` > 0 (training) adds jittered copies of its nodules.
+
+    Each candidate is cut on its own slice and on those within ``search_mm``
+    of it (:func:`node.preprocessing.search_slices`, as the node scores it).
 
     A malignant nodule gets ``copies`` patches, a benign one half as many (at
     least one): centred within a quarter of its diameter (at most 4 mm) of its
@@ -117,13 +122,14 @@ def build_candidates(source: Source, cases: Sequence[Case], session: Any, *, siz
     centre along z.
     """
     rng = np.random.default_rng([seed, 31])
-    xs, ys, owner, is_cand, peaks, geometry, depth = [], [], [], [], [], [], []
+    xs, ys, owner, is_cand, peaks, pairs, geometry, depth = [], [], [], [], [], [], [], []
     for i, case in enumerate(cases):
         vol = source.load(case)
         g = CaseGeometry(vol.hu.shape[1:], vol.spacing, tuple(vol.nodules))
         _, maps = detector_outputs(session, vol.hu, size, context)
         found = candidates_of(maps, vol.hu.shape[1:], vol.spacing, size, count)
-        centres = [(float(p.slice), p.row, p.column) for p in found]
+        searched = search_slices(found, vol.hu.shape[0], vol.spacing[0], search_mm)
+        centres = [(float(k), found[j].row, found[j].column) for j, k in searched]
         labels = [on_malignant(c, g, slack_mm) for c in centres]
         n_found = len(centres)
         for n in vol.nodules if copies else ():
@@ -139,12 +145,14 @@ def build_candidates(source: Source, cases: Sequence[Case], session: Any, *, siz
         owner.append(np.full(len(centres), i))
         is_cand.append(np.arange(len(centres)) < n_found)
         peaks.append(found)
+        pairs.append(searched)
         geometry.append(g)
         depth.append(int(vol.hu.shape[0]))
     x = np.concatenate(xs) if xs else np.zeros((0, patch, patch, CHANNELS), np.float32)
     return CandidateSet(x, np.concatenate(ys) if ys else np.zeros(0, np.float32),
                         np.concatenate(owner) if owner else np.zeros(0, int),
-                        np.concatenate(is_cand) if is_cand else np.zeros(0, bool), peaks, list(cases), geometry, depth)
+                        np.concatenate(is_cand) if is_cand else np.zeros(0, bool), peaks, pairs, list(cases),
+                        geometry, depth)
 
 
 def refined(s: CandidateSet, probabilities: np.ndarray) -> list[list[Peak]]:
@@ -152,7 +160,7 @@ def refined(s: CandidateSet, probabilities: np.ndarray) -> list[list[Peak]]:
     out = []
     for i, found in enumerate(s.peaks):
         rows = np.flatnonzero((s.case_index == i) & s.candidate)
-        out.append(rescored(found, probabilities[rows]))
+        out.append(best_slices(found, s.pairs[i], probabilities[rows]))
     return out
 
 

@@ -104,6 +104,7 @@ class ClassifierConfig:
     patch: int = 64  # pixels
     mm_per_pixel: float = 0.7  # 64 px = 45 mm, room for a 30 mm nodule and its spicules
     candidates: int = 16  # first-stage peaks scored per study (the card's and the node's)
+    search_mm: float = 0.0  # validation, test and the node also score each on the slices within this along z
     learning_rate: float = 1e-3
     lr_drop_epoch: int = 9  # the learning rate is divided by 3 from this epoch on
     batch_size: int = 32
@@ -208,9 +209,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     if not 0 <= lo < hi:
         raise ConfigError(f"data.lung1_slices: need 0 <= start < stop, got {cfg.data.lung1_slices}")
     c = cfg.classifier
-    if c.epochs < 0 or c.candidates < 1 or c.patch < 16 or c.patch % 8 or c.mm_per_pixel <= 0 or c.extra_volumes < 0:
-        raise ConfigError("classifier: epochs >= 0, candidates >= 1, patch a multiple of 8 from 16, mm_per_pixel > 0 "
-                          "and extra_volumes >= 0")
+    if (c.epochs < 0 or c.candidates < 1 or c.patch < 16 or c.patch % 8 or c.mm_per_pixel <= 0 or c.extra_volumes < 0
+            or c.search_mm < 0):
+        raise ConfigError("classifier: epochs >= 0, candidates >= 1, patch a multiple of 8 from 16, mm_per_pixel > 0, "
+                          "extra_volumes >= 0 and search_mm >= 0")
     if c.epochs and cfg.model.arch != "default":
         raise ConfigError("classifier.epochs: the classifier scores the score map's candidates; the seed "
                           "architecture has no map")

@@ -558,8 +558,8 @@ def _second_stage(cfg: RunConfig, source: Source, parts: dict[str, list[Any]], s
         train_source = make_source(replace(cfg, data=replace(cfg.data, volumes=cfg.data.volumes + c.extra_volumes)))
         train_cases += train_source.cases()[cfg.data.volumes:]
     train_c = cl.build_candidates(train_source, train_cases, session, copies=c.nodule_copies, seed=cfg.seed, **common)
-    val_c = cl.build_candidates(source, parts["val"], session, **common)
-    test_c = cl.build_candidates(source, parts["test"], session, **common)
+    val_c = cl.build_candidates(source, parts["val"], session, search_mm=c.search_mm, **common)
+    test_c = cl.build_candidates(source, parts["test"], session, search_mm=c.search_mm, **common)
     data_s = time.perf_counter() - t0
     logger.info("classifier samples: train %d (%d positive, %d volumes), val %d, test %d candidates (%.0f s)",
                 len(train_c), int(train_c.y.sum()), len(train_cases), len(val_c), len(test_c), data_s)
@@ -620,7 +620,7 @@ def _second_stage(cfg: RunConfig, source: Source, parts: dict[str, list[Any]], s
                 "threshold %.3f", metrics["study"]["roc_auc"], metrics["detector"]["study"]["roc_auc"],
                 metrics["slice"]["roc_auc"], d["cpm"], metrics["detector"].get("detection", {}).get("cpm", float("nan")),
                 threshold)
-    entry = cl.card_entry(c.patch, c.mm_per_pixel, c.candidates)
+    entry = cl.card_entry(c.patch, c.mm_per_pixel, c.candidates, c.search_mm)
     return entry, threshold, test_study, test_slices
 
 
