@@ -262,7 +262,7 @@ class Model:
 
         return score_candidates(volume_hu, candidates, score, spacing=spacing, size=c.size, mm_per_pixel=c.mm_per_pixel,
                                 z_offsets_mm=c.z_offsets_mm, windows=c.windows, search_mm=c.search_mm,
-                                batch_size=batch_size)
+                                min_distance_mm=c.min_distance_mm, batch_size=batch_size)
 
     def score_slices(self, volume_hu: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """One probability per slice of a (z, y, x) HU volume, float32 (z,)."""

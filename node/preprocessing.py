@@ -317,13 +317,35 @@ def locate_peaks(
         k = int(np.clip(round(fz), 0, z - 1))
         row = float(np.clip(map_to_source(fy, h, rows, size), 0, rows - 1))
         col = float(np.clip(map_to_source(fx, w, cols, size), 0, cols - 1))
-        mm = np.array([k * spacing[0], row * spacing[1], col * spacing[2]])
-        if any(np.linalg.norm(mm - q) < min_distance_mm for q in kept_mm):
+        mm = _in_mm(k, row, col, spacing)
+        if not _clear_of(mm, kept_mm, min_distance_mm):
             continue
         kept.append(Peak(k, row, col, c))
         kept_mm.append(mm)
         if len(kept) == max_peaks:
             break
+    return kept
+
+
+def _in_mm(k: float, row: float, col: float, spacing: Sequence[float]) -> np.ndarray:
+    return np.array([k * spacing[0], row * spacing[1], col * spacing[2]])
+
+
+def _clear_of(mm: np.ndarray, kept_mm: Sequence[np.ndarray], min_distance_mm: float) -> bool:
+    """Whether a place (mm) is at least ``min_distance_mm`` (3-D) from every place kept."""
+    return all(np.linalg.norm(mm - q) >= min_distance_mm for q in kept_mm)
+
+
+def suppressed(peaks: Sequence[Peak], spacing: Sequence[float], min_distance_mm: float) -> list[Peak]:
+    """``peaks`` (best first) less any within ``min_distance_mm`` (3-D, mm) of a better one kept: the same
+    nodule seen twice, as :func:`locate_peaks` suppresses it."""
+    kept: list[Peak] = []
+    kept_mm: list[np.ndarray] = []
+    for p in peaks:
+        mm = _in_mm(p.slice, p.row, p.column, spacing)
+        if _clear_of(mm, kept_mm, min_distance_mm):
+            kept.append(p)
+            kept_mm.append(mm)
     return kept
 
 
@@ -380,11 +402,13 @@ def score_candidates(
     z_offsets_mm: Sequence[float],
     windows: Sequence[Sequence[float]],
     search_mm: float = 0.0,
+    min_distance_mm: float = 0.0,
     batch_size: int = 64,
 ) -> list[Peak]:
     """``candidates`` rescored by a second stage, best first: :func:`prepare_patches` around each on its slice
     and on those within ``search_mm`` (:func:`search_slices`), in batches, through ``score`` (patches -> one
-    probability each); each candidate keeps its best slice and probability (:func:`best_slices`)."""
+    probability each); each candidate keeps its best slice and probability (:func:`best_slices`), and one that
+    moved to within ``min_distance_mm`` of a better one is dropped (:func:`suppressed`)."""
     pairs = search_slices(candidates, volume_hu.shape[0], float(spacing[0]), search_mm)
     probabilities = np.empty(len(pairs), dtype=np.float32)
     win = [(float(w[0]), float(w[1])) for w in windows]
@@ -397,7 +421,7 @@ def score_candidates(
         if out.size != len(chunk):
             raise ValueError(f"the second stage gave {out.size} probabilities for {len(chunk)} patches")
         probabilities[start : start + len(chunk)] = out
-    return best_slices(candidates, pairs, probabilities)
+    return suppressed(best_slices(candidates, pairs, probabilities), spacing, min_distance_mm)
 
 
 def slice_scores_of(peaks: Sequence[Peak], depth: int) -> np.ndarray:

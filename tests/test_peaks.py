@@ -148,3 +148,13 @@ def test_a_search_scores_each_candidate_on_its_neighbouring_slices_and_keeps_its
         best_slices(found, pairs, [0.1] * 5)
     with pytest.raises(ValueError, match=r"pairs cover candidates \[0\], not all 2"):
         best_slices(found, pairs[:3], [0.1] * 3)
+
+
+def test_candidates_that_a_search_brings_together_are_one_finding():
+    from node.preprocessing import Peak, suppressed
+
+    # one 30 mm nodule seen twice, 15 mm apart along z; the search moved both to its middle slices
+    moved = [Peak(6, 100.0, 100.0, 0.9), Peak(7, 101.0, 100.0, 0.8), Peak(7, 140.0, 100.0, 0.7)]
+    kept = suppressed(moved, (2.5, 0.5, 0.5), 15.0)
+    assert [(p.slice, p.row) for p in kept] == [(6, 100.0), (7, 140.0)]  # 20 mm away in-plane: another place
+    assert suppressed(moved, (2.5, 0.5, 0.5), 0.0) == moved

@@ -40,6 +40,7 @@ from node.preprocessing import (
     prepare_slices,
     search_slices,
     slice_scores_of,
+    suppressed,
 )
 from training.data import MALIGNANT, Case, CaseGeometry, Source
 from training.errors import ExportError
@@ -160,7 +161,8 @@ def refined(s: CandidateSet, probabilities: np.ndarray) -> list[list[Peak]]:
     out = []
     for i, found in enumerate(s.peaks):
         rows = np.flatnonzero((s.case_index == i) & s.candidate)
-        out.append(best_slices(found, s.pairs[i], probabilities[rows]))
+        out.append(suppressed(best_slices(found, s.pairs[i], probabilities[rows]), s.geometry[i].spacing,
+                              CANDIDATE_DISTANCE_MM))
     return out
 
 

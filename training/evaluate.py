@@ -105,7 +105,7 @@ def evaluate_lung1(onnx_path: Path, image_path: Path, *, size: int, context: int
         peaks = score_candidates(
             hu, found, lambda x: onnx_outputs(session, x, input_name=c["input_name"], output_names=[c["output_name"]])[0],
             spacing=spacing, size=c["size"], mm_per_pixel=c["mm_per_pixel"], z_offsets_mm=c["z_offsets_mm"],
-            windows=c["windows"], search_mm=c.get("search_mm", 0.0))
+            windows=c["windows"], search_mm=c.get("search_mm", 0.0), min_distance_mm=c["min_distance_mm"])
         scores = slice_scores_of(peaks, hu.shape[0])
     nodule = lung1_nodule_slices(image_path)
     order = np.argsort(-scores, kind="stable")
