@@ -110,6 +110,7 @@ def test_tiny_two_stage_run_merges_a_classifier_that_the_node_runs(tmp_path, lun
     rc = main(["--config", str(TINY), "--out-dir", str(out), "--lung1", str(lung1_image_path),
                "--set", "classifier.epochs=2", "--set", "classifier.patch=16", "--set", "classifier.mm_per_pixel=3.0",
                "--set", "classifier.candidates=4", "--set", "classifier.extra_volumes=2",
+               "--set", "classifier.extra_irregular=1.0",
                "--set", "classifier.lr_drop_epoch=2", "--set", 'export.aggregation="max"'])
     printed = capsys.readouterr().out
     assert rc == 0, printed
@@ -118,6 +119,11 @@ def test_tiny_two_stage_run_merges_a_classifier_that_the_node_runs(tmp_path, lun
     per = metrics["parity"]["max_abs_diff_per_output"]
     assert set(per) == {"p_malignant", "score_map", "p_candidate"} and all(v <= 1e-5 for v in per.values())
     assert metrics["classifier"]["samples"]["train_volumes"] == metrics["split"]["train"]["cases"] + 2
+    assert metrics["classifier"]["samples"]["extra_irregular"] == 1.0
+    scores = metrics["study_scores"]  # per study, so the card's threshold can be checked from them
+    assert len(scores["val"]) == metrics["val_study"]["n"] and len(scores["test"]) == metrics["study"]["n"]
+    assert metrics["study"]["roc_auc"] == pytest.approx(roc_auc([y for _, y, _ in scores["test"]],
+                                                                [p for _, _, p in scores["test"]]), abs=1e-5)
     assert len(metrics["classifier"]["history"]) == 2 and metrics["classifier"]["best_epoch"] in (1, 2)
     assert {"study", "slice", "detection"} <= set(metrics["detector"])  # the first stage's own figures, kept
     assert 0.0 <= metrics["detection"]["cpm"] <= 1.0 and "classifier" in metrics["detection"]["candidates"]["function"]

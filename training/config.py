@@ -111,6 +111,7 @@ class ClassifierConfig:
     hit_slack_mm: float = 3.0  # a candidate within a malignant nodule's radius + this is a positive sample
     nodule_copies: int = 4  # jittered patches per malignant nodule in training (benign: half)
     extra_volumes: int = 0  # synthetic volumes generated after the split's, for this stage's training only
+    extra_irregular: float = 0.0  # share of the extra volumes' nodules drawn irregular (training.synthetic)
     detector: str = ""  # an exported first stage (.onnx + card) to reuse instead of training one
 
 
@@ -210,9 +211,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"data.lung1_slices: need 0 <= start < stop, got {cfg.data.lung1_slices}")
     c = cfg.classifier
     if (c.epochs < 0 or c.candidates < 1 or c.patch < 16 or c.patch % 8 or c.mm_per_pixel <= 0 or c.extra_volumes < 0
-            or c.search_mm < 0):
+            or c.search_mm < 0 or not 0 <= c.extra_irregular <= 1):
         raise ConfigError("classifier: epochs >= 0, candidates >= 1, patch a multiple of 8 from 16, mm_per_pixel > 0, "
-                          "extra_volumes >= 0 and search_mm >= 0")
+                          "extra_volumes >= 0, search_mm >= 0 and 0 <= extra_irregular <= 1")
     if c.epochs and cfg.model.arch != "default":
         raise ConfigError("classifier.epochs: the classifier scores the score map's candidates; the seed "
                           "architecture has no map")

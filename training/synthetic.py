@@ -42,6 +42,7 @@ random streams, so any case can be rebuilt alone.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,6 +260,8 @@ def insert_nodule(
     centre: tuple[float, float, float],
     traits: NoduleTraits,
     rng: np.random.Generator,
+    *,
+    irregular: bool = False,
 ) -> tuple[list[int], list[int]]:
     """Draw one nodule into ``hu`` (float32 (z, y, x), in place) centred at voxel ``centre``.
 
@@ -266,6 +269,12 @@ def insert_nodule(
     sub-samples of each slice span +-0.4 of it. Returns (core slices, touched
     slices): the slices that show the nodule's
     middle (|dz| <= 0.6 r, at least the nearest one) and all slices it reaches.
+
+    ``irregular`` draws the same traits as real masses tend to look
+    (:func:`_irregular_look`): an angular outline with bulges and
+    indentations, a blurred edge, uneven density with air pockets, sometimes a
+    ground-glass halo, and a few long thin strands (tags) into the lung. It
+    changes the look, never the traits, so the label stays the rule's.
     """
     dz, dy, dx = spacing
     zc, yc, xc = centre
@@ -273,8 +282,14 @@ def insert_nodule(
     edge = 0.3  # mm, soft boundary
     # shape: lobes push the surface out toward a few directions
     amp = {"smooth": 0.05, "lobulated": 0.45, "spiculated": 0.15}[traits.margin]
-    lobes = _unit_vectors(rng, int(rng.integers(3, 6)))
-    lobe_amp = amp * rng.uniform(0.6, 1.4, size=len(lobes))
+    if irregular:  # more lobes, and some of them pull the surface in: an angular outline
+        lobes = _unit_vectors(rng, int(rng.integers(6, 12)))
+        lobe_amp = amp + rng.uniform(-0.35, 0.6, size=len(lobes))
+        power = 4  # narrower bulges: corners rather than lobes
+    else:
+        lobes = _unit_vectors(rng, int(rng.integers(3, 6)))
+        lobe_amp = amp * rng.uniform(0.6, 1.4, size=len(lobes))
+        power = 2
     spicules = np.zeros((0, 3))
     if traits.margin == "spiculated":  # strands radiating mostly in the axial plane
         spicules = _unit_vectors(rng, int(rng.integers(8, 15))) * np.array([0.3, 1.0, 1.0])
@@ -292,6 +307,7 @@ def insert_nodule(
     if traits.calcification == "diffuse":
         body_hu = rng.uniform(200, 500)
     spic_hu = rng.uniform(-100, 20) if traits.texture == "solid" else rng.uniform(-400, -250)
+    spic_hus = np.full(len(spicules), spic_hu)
     cores: list[tuple[np.ndarray, float, float]] = []  # (offset mm (z, y, x), radius mm, HU)
     if traits.texture == "part_solid":
         cores.append((np.zeros(3), rng.uniform(0.3, 0.55) * r, rng.uniform(0, 50)))
@@ -301,8 +317,16 @@ def insert_nodule(
         for _ in range(int(rng.integers(3, 7))):
             off = _unit_vectors(rng, 1)[0] * rng.uniform(0, 0.55) * r
             cores.append((off, rng.uniform(0.12, 0.22) * r, rng.uniform(300, 900)))
+    look = _irregular_look(rng, r, body_hu) if irregular else _REGULAR
+    if look.tags:
+        spicules = np.concatenate([spicules, look.tags[0]])
+        spic_len = np.concatenate([spic_len, look.tags[1]])
+        spic_width = np.concatenate([spic_width, look.tags[2]])
+        spic_hus = np.concatenate([spic_hus, look.tags[3]])
+    edge = look.edge_mm or edge
 
-    reach = r * (1 + float(lobe_amp.sum())) + (float(spic_len.max()) if len(spicules) else 0.0) + 1.0
+    reach = (r * (1 + float(np.clip(lobe_amp, 0, None).sum())) * max(1.0, look.halo_scale)
+             + (float(spic_len.max()) if len(spicules) else 0.0) + 1.0)
     z_all = [k for k in range(hu.shape[0]) if abs(k - zc) * dz <= reach + dz / 2]
     y_lo, y_hi = max(0, int(yc - reach / dy) - 1), min(hu.shape[1], int(yc + reach / dy) + 2)
     x_lo, x_hi = max(0, int(xc - reach / dx) - 1), min(hu.shape[2], int(xc + reach / dx) + 2)
@@ -318,16 +342,25 @@ def insert_nodule(
             rho = np.sqrt(pz * pz + py * py + px * px) + 1e-6
             u = np.stack(np.broadcast_arrays(pz / rho, py / rho, px / rho))  # (3, h, w)
             proj = np.tensordot(lobes, u, axes=(1, 0))  # (n, h, w)
-            radius = r * (1 + np.tensordot(lobe_amp, np.clip(proj, 0, None) ** 2, axes=(0, 0)) - lobe_amp.sum() / 6)
+            # the mean of clip(proj, 0) ** power over directions is 1/6 (power 2) or 1/10 (4)
+            radius = r * (1 + np.tensordot(lobe_amp, np.clip(proj, 0, None) ** power, axes=(0, 0))
+                          - lobe_amp.sum() / (2 * power + 2))
             a_body = _sigmoid((radius - rho) / edge)
             noise = rng.normal(0.0, noise_sd, size=base.shape).astype(np.float32)
-            val = base + a_body * np.maximum(body_hu + noise - base, 0)
-            for v, length, width in zip(spicules, spic_len, spic_width):
+            val = base
+            if look.halo_scale:
+                a_halo = _sigmoid((radius * look.halo_scale - rho) / edge)
+                val = val + a_halo * np.maximum(look.halo_hu + noise - val, 0)
+            val = val + a_body * np.maximum(body_hu + noise - val, 0)
+            for off, pr, phu in look.pockets:  # density changes inside the body (denser, softer, air)
+                dist = np.sqrt((pz - off[0]) ** 2 + (py - off[1]) ** 2 + (px - off[2]) ** 2)
+                val = val + a_body * _sigmoid((pr - dist) / edge) * (phu + noise - val)
+            for v, length, width, shu in zip(spicules, spic_len, spic_width, spic_hus):
                 s = v[0] * pz + v[1] * py + v[2] * px
                 q = np.sqrt(np.maximum(rho * rho - s * s, 0))
                 t = width * np.clip(1 - (s - 0.7 * r) / (length + 0.3 * r), 0.25, 1.0)
                 a_sp = _sigmoid((t / 2 - q) / edge) * (s > 0) * (s < r + length)
-                val = val + a_sp * np.maximum(spic_hu - val, 0)
+                val = val + a_sp * np.maximum(shu - val, 0)
             for off, cr, chu in cores:
                 dist = np.sqrt((pz - off[0]) ** 2 + (py - off[1]) ** 2 + (px - off[2]) ** 2)
                 a_c = _sigmoid((cr - dist) / edge)
@@ -340,6 +373,41 @@ def insert_nodule(
     nearest = int(round(zc))
     core = sorted({k for k in z_all if abs(k - zc) * dz <= 0.6 * r} | {min(max(nearest, 0), hu.shape[0] - 1)})
     return core, sorted(set(touched) | set(core))
+
+
+@dataclass(frozen=True)
+class _Look:
+    """How an irregular nodule departs from the drawn one (see :func:`insert_nodule`)."""
+
+    edge_mm: float = 0.0  # 0: the default soft boundary
+    halo_scale: float = 0.0  # ground-glass halo out to this multiple of the radius; 0: none
+    halo_hu: float = 0.0
+    pockets: tuple[tuple[np.ndarray, float, float], ...] = ()  # (offset mm (z, y, x), radius mm, HU)
+    tags: tuple[np.ndarray, ...] = ()  # (directions, lengths mm, widths mm, HU) of the strands
+
+
+_REGULAR = _Look()
+
+
+def _irregular_look(rng: np.random.Generator, r: float, body_hu: float) -> _Look:
+    """Draw an irregular look: blurred edge, uneven density, air pockets, maybe a halo, 0-3 tags."""
+    pockets = []
+    for _ in range(int(rng.integers(2, 6))):  # denser and softer parts
+        off = _unit_vectors(rng, 1)[0] * rng.uniform(0, 0.6) * r
+        pockets.append((off, rng.uniform(0.2, 0.45) * r, body_hu + rng.uniform(-90, 40)))
+    for _ in range(int(rng.integers(0, 3))):  # air: a bronchus or a small cavity
+        off = _unit_vectors(rng, 1)[0] * rng.uniform(0.1, 0.6) * r
+        pockets.append((off, rng.uniform(0.08, 0.2) * r, rng.uniform(-950, -700)))
+    halo = rng.random() < 0.4
+    n_tags = int(rng.integers(0, 4))
+    directions = _unit_vectors(rng, n_tags) * np.array([0.2, 1.0, 1.0])  # mostly in the axial plane
+    directions /= np.maximum(np.linalg.norm(directions, axis=1, keepdims=True), 1e-9)
+    tags = (directions, rng.uniform(8, 25, size=n_tags), rng.uniform(0.7, 1.4, size=n_tags),
+            rng.uniform(-350, -120, size=n_tags))
+    return _Look(edge_mm=float(rng.uniform(0.4, 1.2)),
+                 halo_scale=float(rng.uniform(1.15, 1.5)) if halo else 0.0,
+                 halo_hu=float(rng.uniform(-750, -550)),
+                 pockets=tuple(pockets), tags=tags if n_tags else ())
 
 
 # --------------------------------------------------------------------------- reconstruction kernel
@@ -400,6 +468,8 @@ class VolumePlan:
     kernel_sigma_mm: float = 0.0
     kernel_amount: float = 0.0  # sharp: x + amount * (x - blur(x))
     slice_mm: float = 5.0  # slice spacing = thickness; the anatomy is resampled along z to it
+    irregular: tuple[bool, ...] = ()  # per nodule: drawn irregular (``insert_nodule``); empty: none is
+    attached: tuple[bool, ...] = ()  # per nodule: against the lung's edge (pleura, mediastinum); empty: none is
 
     @property
     def label(self) -> int:
@@ -419,6 +489,8 @@ class SyntheticSource:
         lung1_slices: tuple[int, int] = (0, 28),
         pydicom_ct_share: float = 0.1,
         thin_slices: bool = False,
+        irregular_share: float = 0.0,
+        irregular_from: int = 0,
     ) -> None:
         self.n = volumes
         self.depth = slices_per_volume
@@ -427,6 +499,8 @@ class SyntheticSource:
         self.lung1_slices = lung1_slices
         self.ct_share = pydicom_ct_share
         self.thin_slices = thin_slices
+        self.irregular_share = irregular_share  # of the nodules of volumes irregular_from onward
+        self.irregular_from = irregular_from
         self._anatomy: dict[str, Anatomy] = {}
         self._plans = [self._plan(i) for i in range(volumes)]
 
@@ -446,13 +520,18 @@ class SyntheticSource:
         span = self.lung1_slices[1] - self.lung1_slices[0]
         z0 = int(rng.integers(0, max(1, span - self.depth + 1))) if anatomy == "lung1" else 0
         count = int(rng.choice(3, p=NODULE_COUNT_P))
-        return VolumePlan(
+        plan = VolumePlan(
             anatomy=anatomy, z0=z0, flip=bool(rng.random() < 0.5), angle=float(rng.uniform(-8, 8)),
             scale=float(rng.uniform(0.85, 1.15)), shift=(float(rng.uniform(-0.04, 0.04)), float(rng.uniform(-0.04, 0.04))),
             noise_hu=float(rng.uniform(0, 20)), nodules=tuple(sample_traits(rng) for _ in range(count)),
             **_kernel(rng),  # drawn after the rest, so the draws above (and the labels) do not depend on it
             slice_mm=float(SLICE_MM[rng.choice(len(SLICE_MM), p=SLICE_MM_P)]) if self.thin_slices else 5.0,  # last
         )
+        if self.irregular_share and i >= self.irregular_from:  # drawn after everything, so the rest is unchanged
+            irregular = tuple(bool(rng.random() < self.irregular_share) for _ in plan.nodules)
+            attached = tuple(bool(k and rng.random() < 0.4) for k in irregular)
+            plan = dataclasses.replace(plan, irregular=irregular, attached=attached)
+        return plan
 
     def plan(self, case: Case) -> VolumePlan:
         return self._plans[int(case.case_id.rsplit("-", 1)[1])]
@@ -483,12 +562,16 @@ class SyntheticSource:
         findings: list[Finding] = []
         nodules: list[Nodule] = []
         placed: list[tuple[np.ndarray, float]] = []
-        for traits in plan.nodules:
-            centre = self._place(lung, f, spacing, traits, placed, rng, (h, w))
+        for j, traits in enumerate(plan.nodules):
+            irregular = bool(plan.irregular and plan.irregular[j])
+            edge = bool(plan.attached and plan.attached[j])
+            centre = self._place(lung & ~_erode(lung), f, spacing, traits, placed, rng, (h, w)) if edge else None
+            if centre is None:  # not attached, or no room at the lung's edge
+                centre = self._place(lung, f, spacing, traits, placed, rng, (h, w))
             if centre is None:
                 logger.warning("%s: no room for a %.1f mm nodule", case.case_id, traits.diameter_mm)
                 continue
-            core, touched = insert_nodule(hu, spacing, centre, traits, rng)
+            core, touched = insert_nodule(hu, spacing, centre, traits, rng, irregular=irregular)
             label = MALIGNANT if is_malignant(traits) else BENIGN
             findings.extend(Finding(k, centre[1], centre[2], label) for k in core)
             nodules.append(Nodule(centre[0], centre[1], centre[2], traits.diameter_mm, label))

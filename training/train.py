@@ -59,14 +59,14 @@ class RunResult:
     seconds: float = 0.0
 
 
-def make_source(cfg: RunConfig, lung1: Path | None = None) -> Source:
-    """The configured data source."""
+def make_source(cfg: RunConfig, lung1: Path | None = None, **synthetic: Any) -> Source:
+    """The configured data source; ``synthetic``: more :class:`SyntheticSource` options."""
     d = cfg.data
     if d.source == "synthetic":
         return SyntheticSource(volumes=d.volumes, slices_per_volume=d.slices_per_volume, seed=cfg.seed,
                                lung1_path=lung1 or (Path(d.lung1) if d.lung1 else default_lung1_path()),
                                lung1_slices=d.lung1_slices, pydicom_ct_share=d.pydicom_ct_share,
-                               thin_slices=d.thin_slices)
+                               thin_slices=d.thin_slices, **synthetic)
     if d.source == "dicom":
         if not d.root or not d.labels:
             raise ConfigError("data.root and data.labels are required for source 'dicom'")
@@ -555,7 +555,8 @@ def _second_stage(cfg: RunConfig, source: Source, parts: dict[str, list[Any]], s
                   count=c.candidates, slack_mm=c.hit_slack_mm)
     train_source, train_cases = source, list(parts["train"])
     if c.extra_volumes:
-        train_source = make_source(replace(cfg, data=replace(cfg.data, volumes=cfg.data.volumes + c.extra_volumes)))
+        train_source = make_source(replace(cfg, data=replace(cfg.data, volumes=cfg.data.volumes + c.extra_volumes)),
+                                   irregular_share=c.extra_irregular, irregular_from=cfg.data.volumes)
         train_cases += train_source.cases()[cfg.data.volumes:]
     train_c = cl.build_candidates(train_source, train_cases, session, copies=c.nodule_copies, seed=cfg.seed, **common)
     val_c = cl.build_candidates(source, parts["val"], session, search_mm=c.search_mm, **common)
@@ -603,12 +604,16 @@ def _second_stage(cfg: RunConfig, source: Source, parts: dict[str, list[Any]], s
     metrics["threshold"] = threshold
     metrics["threshold_method"] = ("Youden's J on the validation split's study scores (the classifier's best "
                                    "candidate per study)")
+    metrics["study_scores"] = {  # per study (case id, label, score): the threshold can be checked from these
+        name: [[k.case_id, int(y), round(float(p), 6)] for k, y, p in zip(part_.cases, ys, ps)]
+        for name, part_, ys, ps in (("val", val, val_y, val_study), ("test", test, test_y, test_study))}
     metrics["detection"] = detection_metrics_of(test_c, test_ref, c.candidates)
     metrics["val_detection_cpm"] = detection_metrics_of(val_c, val_ref, c.candidates)["cpm"]
     metrics["classifier"] = {
         "architecture": f"patch CNN ({int(model.count_params())} parameters)",
         "samples": {"train": len(train_c), "train_positive": int(train_c.y.sum()), "train_volumes": len(train_cases),
-                    "extra_volumes": c.extra_volumes, "val_candidates": len(val_c), "test_candidates": len(test_c)},
+                    "extra_volumes": c.extra_volumes, "extra_irregular": c.extra_irregular,
+                    "val_candidates": len(val_c), "test_candidates": len(test_c)},
         "candidate_auc": {"val": roc_auc(val_c.y, p_val), "test": roc_auc(test_c.y, p_test)},
         "best_epoch": best,
         "history": history,
