@@ -391,6 +391,14 @@ def best_slices(candidates: Sequence[Peak], pairs: Sequence[tuple[int, int]],
     return rescored(moved, [best[i][0] for i in range(len(candidates))])
 
 
+def kept_candidates(candidates: Sequence[Peak], pairs: Sequence[tuple[int, int]], probabilities: Sequence[float],
+                    spacing: Sequence[float], min_distance_mm: float) -> list[Peak]:
+    """The second stage's verdict on ``candidates``, best first: each on its best slice (:func:`best_slices`), less
+    any that moved to within ``min_distance_mm`` of a better one (:func:`suppressed`). The node and training both
+    decide so."""
+    return suppressed(best_slices(candidates, pairs, probabilities), spacing, min_distance_mm)
+
+
 def score_candidates(
     volume_hu: np.ndarray,
     candidates: Sequence[Peak],
@@ -407,8 +415,8 @@ def score_candidates(
 ) -> list[Peak]:
     """``candidates`` rescored by a second stage, best first: :func:`prepare_patches` around each on its slice
     and on those within ``search_mm`` (:func:`search_slices`), in batches, through ``score`` (patches -> one
-    probability each); each candidate keeps its best slice and probability (:func:`best_slices`), and one that
-    moved to within ``min_distance_mm`` of a better one is dropped (:func:`suppressed`)."""
+    probability each); each candidate keeps its best slice and probability, and one that moved to within
+    ``min_distance_mm`` of a better one is dropped (:func:`kept_candidates`)."""
     pairs = search_slices(candidates, volume_hu.shape[0], float(spacing[0]), search_mm)
     probabilities = np.empty(len(pairs), dtype=np.float32)
     win = [(float(w[0]), float(w[1])) for w in windows]
@@ -421,7 +429,7 @@ def score_candidates(
         if out.size != len(chunk):
             raise ValueError(f"the second stage gave {out.size} probabilities for {len(chunk)} patches")
         probabilities[start : start + len(chunk)] = out
-    return suppressed(best_slices(candidates, pairs, probabilities), spacing, min_distance_mm)
+    return kept_candidates(candidates, pairs, probabilities, spacing, min_distance_mm)
 
 
 def slice_scores_of(peaks: Sequence[Peak], depth: int) -> np.ndarray:

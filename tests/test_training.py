@@ -228,6 +228,30 @@ def test_thin_slice_synthetic_volume_has_its_spacing_and_its_nodule_slices_label
     assert s.geometry[0].spacing[0] == pytest.approx(dz)
 
 
+def test_irregular_nodules_change_the_look_of_later_volumes_only_never_their_labels(lung1_image_path):
+    plain = SyntheticSource(volumes=40, slices_per_volume=6, seed=3, lung1_path=lung1_image_path)
+    mixed = SyntheticSource(volumes=40, slices_per_volume=6, seed=3, lung1_path=lung1_image_path,
+                            irregular_share=1.0, irregular_from=10)
+    assert plain.cases() == mixed.cases()  # same traits, so the same labels
+    for case in plain.cases()[:10]:  # before irregular_from: the volumes the splits hold, unchanged to the voxel
+        assert mixed.plan(case) == plain.plan(case) and np.array_equal(mixed.load(case).hu, plain.load(case).hu)
+    later = [c for c in plain.cases()[10:] if plain.plan(c).nodules and plain.plan(c).anatomy == "lung1"]
+    assert later and all(all(mixed.plan(c).irregular) for c in later)
+    near = {True: [], False: []}  # per nodule: share of soft tissue (> -200 HU) within 2 radii of its centre
+    for case in later:
+        a, b = plain.load(case), mixed.load(case)
+        assert [n.label for n in b.nodules] == [n.label for n in a.nodules]
+        assert (b.slice_labels == MALIGNANT).any() == (case.label == MALIGNANT)  # the nodules move, not the labels
+        for n, edge in zip(b.nodules, mixed.plan(case).attached):
+            k, y, x = int(round(n.z)), int(n.y), int(n.x)
+            r = int(n.diameter_mm / 2 / b.spacing[1]) + 1
+            assert b.hu[k, y - 2:y + 3, x - 2:x + 3].max() > -800  # the nodule is there (ground glass from -700)
+            near[edge].append(float((b.hu[k, max(0, y - 2 * r):y + 2 * r, max(0, x - 2 * r):x + 2 * r] > -200).mean()))
+    # 40 % of them sit against the chest wall or mediastinum, the rest anywhere in the lung
+    assert near[True] and near[False] and np.median(near[True]) > 2 * np.median(near[False]) + 0.05
+    assert not np.array_equal(mixed.load(later[0]).hu, plain.load(later[0]).hu)
+
+
 def test_split_is_by_patient_and_an_empty_split_is_named():
     cases = [Case(f"s{i}", f"p{i // 2}", i % 4 == 0) for i in range(40)]
     cases = [Case(c.case_id, c.patient_id, int(c.label)) for c in cases]
@@ -392,6 +416,7 @@ def test_config_names_the_bad_key(tmp_path):
           "train.patch_epochs": 0}, "the seed architecture has no map"),
         ({"classifier.detector": "x.onnx"}, "only makes sense with classifier.epochs"),
         ({"classifier.epochs": 1, "export.aggregation": "max", "classifier.patch": 20}, "patch a multiple of 8"),
+        ({"classifier.extra_irregular": 1.5}, "0 <= extra_irregular <= 1"),
     ],
 )
 def test_classifier_config_is_checked(overrides, message):

@@ -10,7 +10,7 @@ patch cut from the source HU at a fixed scale in mm
 (:func:`node.preprocessing.prepare_patches`), on three planes along z and in
 two windows (lung, and soft tissue, where calcium and soft tissue differ), and
 gives each candidate its own probability of being a malignant nodule. The
-study score is the best candidate's (:func:`node.preprocessing.best_slices`,
+study score is the best candidate's (:func:`node.preprocessing.kept_candidates`,
 :func:`node.preprocessing.slice_scores_of`), exactly as the node computes it.
 
 Training samples, per training volume: the first stage's candidates, labelled
@@ -34,13 +34,12 @@ from node.preprocessing import (
     LUNG_WINDOW,
     SOFT_TISSUE_WINDOW,
     Peak,
-    best_slices,
+    kept_candidates,
     locate_peaks,
     prepare_patches,
     prepare_slices,
     search_slices,
     slice_scores_of,
-    suppressed,
 )
 from training.data import MALIGNANT, Case, CaseGeometry, Source
 from training.errors import ExportError
@@ -161,8 +160,7 @@ def refined(s: CandidateSet, probabilities: np.ndarray) -> list[list[Peak]]:
     out = []
     for i, found in enumerate(s.peaks):
         rows = np.flatnonzero((s.case_index == i) & s.candidate)
-        out.append(suppressed(best_slices(found, s.pairs[i], probabilities[rows]), s.geometry[i].spacing,
-                              CANDIDATE_DISTANCE_MM))
+        out.append(kept_candidates(found, s.pairs[i], probabilities[rows], s.geometry[i].spacing, CANDIDATE_DISTANCE_MM))
     return out
 
 

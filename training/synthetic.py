@@ -36,6 +36,15 @@ them through ``node.preprocessing`` exactly as it sees real studies. The
 volume's spacing is recorded in its :class:`~training.data.Volume`, which the
 map targets and the FROC matching use.
 
+The drawn nodules are round-ish, even in density and sit free in aerated
+lung; real masses are angular, uneven, with air inside, strands out into the
+lung and often against the pleura. ``irregular_share`` draws that share of the
+nodules of volumes ``irregular_from`` onward so (:func:`insert_nodule`'s
+``irregular``; 40 % of them placed against the lung's edge): same traits, same
+label, another look. The classifier's extra training volumes use it
+(``classifier.extra_irregular``); the splits' volumes never do, so the
+held-out figures stay comparable between runs.
+
 Everything is deterministic from the seed: case ``i`` draws from its own
 random streams, so any case can be rebuilt alone.
 """
