@@ -120,6 +120,8 @@ def test_tiny_two_stage_run_merges_a_classifier_that_the_node_runs(tmp_path, lun
     assert set(per) == {"p_malignant", "score_map", "p_candidate"} and all(v <= 1e-5 for v in per.values())
     assert metrics["classifier"]["samples"]["train_volumes"] == metrics["split"]["train"]["cases"] + 2
     assert metrics["classifier"]["samples"]["extra_irregular"] == 1.0
+    assert "volumes 14-15 of the same generator" in ModelCard.read(out / "ainode-tiny.onnx").training_data
+    assert "100% of their nodules drawn irregular" in ModelCard.read(out / "ainode-tiny.onnx").training_data
     scores = metrics["study_scores"]  # per study, so the card's threshold can be checked from them
     assert len(scores["val"]) == metrics["val_study"]["n"] and len(scores["test"]) == metrics["study"]["n"]
     assert metrics["study"]["roc_auc"] == pytest.approx(roc_auc([y for _, y, _ in scores["test"]],

@@ -279,8 +279,8 @@ def insert_nodule(
     slices): the slices that show the nodule's
     middle (|dz| <= 0.6 r, at least the nearest one) and all slices it reaches.
 
-    ``irregular`` draws the same traits as real masses tend to look
-    (:func:`_irregular_look`): an angular outline with bulges and
+    ``irregular`` draws the nodule, with the same traits, as real masses tend
+    to look (:func:`_irregular_look`): an angular outline with bulges and
     indentations, a blurred edge, uneven density with air pockets, sometimes a
     ground-glass halo, and a few long thin strands (tags) into the lung. It
     changes the look, never the traits, so the label stays the rule's.

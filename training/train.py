@@ -297,6 +297,17 @@ def _card_detection(d: dict[str, Any], stride: int) -> dict[str, Any]:
     }
 
 
+def _extra_volumes_described(cfg: RunConfig) -> str:
+    """What the card's training data says of the second stage's extra volumes (none: nothing)."""
+    c = cfg.classifier
+    if not c.extra_volumes:
+        return ""
+    first, last = cfg.data.volumes, cfg.data.volumes + c.extra_volumes - 1
+    return (f" The second stage also trained on volumes {first}-{last} of the same generator (no split holds them)"
+            + (f", {c.extra_irregular:.0%} of their nodules drawn irregular (angular, uneven, air inside, strands, "
+               "some against the pleura; same traits, same label)" if c.extra_irregular else "") + ".")
+
+
 def _card_first_stage(d: dict[str, Any], stride: int) -> dict[str, Any]:
     """A two-stage card's figures of its first stage alone: as a one-stage card has them (no FROC curve)."""
     out = {k: v for k, v in d.items() if k != "detection"}
@@ -478,7 +489,7 @@ def run(cfg: RunConfig, *, lung1: Path | None = None) -> RunResult:
         "classes": ["benign", "malignant"],
         "input_dtype": "float32",
         "intended_use": cfg.intended_use or (f"{DEMO_MODEL}: {DEMO_USE}; exercises the ainode pipeline end to end" if synthetic else ""),
-        "training_data": source.describe(),
+        "training_data": source.describe() + (_extra_volumes_described(cfg) if two_stage else ""),
         "metrics": {
             "split": "test",
             "study": metrics["study"],
