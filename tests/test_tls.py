@@ -211,8 +211,13 @@ def test_dcmtk_and_pynetdicom_clients_associate_over_tls(tls_node, pki, tmp_path
     assert len(node.stored_files()) == 2
     assert "(TLS, client CN=ct01,O=ainode tests)" in node.log_text()
     assert "TCP_NODELAY not set" not in node.log_text()  # set on the TLS connections' sockets too
-    with socket.socket() as s:  # the plain port is off
-        assert s.connect_ex(("127.0.0.1", node.port)) != 0
+    # the plain port is off: no process of the node listens on it (a connect could reach another test's
+    # server that has since been given the same free port)
+    import psutil
+
+    tree = [psutil.Process(node.proc.pid)] + psutil.Process(node.proc.pid).children(recursive=True)
+    listening = {c.laddr.port for p in tree for c in p.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+    assert node.tls_port in listening and node.port not in listening
     accepted = [e for e in audit_events(node) if e["event_id"]["code"] == "110113" and e["outcome"] == 0]
     assert len(accepted) == 3
     assert accepted[0]["participants"][0]["tls_subject"] == "CN=ct01,O=ainode tests"
