@@ -215,7 +215,8 @@ def test_dcmtk_and_pynetdicom_clients_associate_over_tls(tls_node, pki, tmp_path
     # server that has since been given the same free port)
     import psutil
 
-    tree = [psutil.Process(node.proc.pid)] + psutil.Process(node.proc.pid).children(recursive=True)
+    root = psutil.Process(node.proc.pid)
+    tree = [root] + root.children(recursive=True)
     listening = {c.laddr.port for p in tree for c in p.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
     assert node.tls_port in listening and node.port not in listening
     accepted = [e for e in audit_events(node) if e["event_id"]["code"] == "110113" and e["outcome"] == 0]

@@ -479,7 +479,7 @@ def test_bundled_model_has_a_truthful_card_and_runs(lung1):
 
     # the first stage's lung1 maps through locate_peaks, as in the node: one-stage, that is the card's top finding;
     # two-stage, the card's top finding is one of those candidates, perhaps moved along z by the search
-    from node.preprocessing import locate_peaks
+    from node.preprocessing import locate_peaks, search_slices
 
     volume, spacing = lung1[0], lung1[1]
     x = prepare_slices(volume, size=card.size, context=card.context, hu_window=tuple(card.window))
@@ -487,9 +487,9 @@ def test_bundled_model_has_a_truthful_card_and_runs(lung1):
     found = locate_peaks(maps[..., 0], source_shape=volume.shape[1:], size=card.size, spacing=tuple(spacing),
                          min_probability=0.0, max_peaks=second.candidates if second else 1)
     f = card.evaluation["lung1"]["top_finding"]
-    reach = int(second.search_mm // spacing[0]) if second else 0
-    assert any(abs(c.slice - f["slice"]) <= reach and (round(c.row, 1), round(c.column, 1)) == (f["row"], f["column"])
-               for c in found)
+    pairs = search_slices(found, volume.shape[0], float(spacing[0]), second.search_mm if second else 0.0)
+    assert any(k == f["slice"] and (round(found[i].row, 1), round(found[i].column, 1)) == (f["row"], f["column"])
+               for i, k in pairs)
     if not second:
         assert card.evaluation["lung1"]["slice_scores"] == [round(float(v), 4) for v in scores[:, 0]]
 

@@ -651,4 +651,4 @@ def detection_metrics_of(s: Any, per_case: list[Any], candidates: int) -> dict[s
     from training.detection import peak_metrics
 
     return peak_metrics(per_case, s.geometry, min_probability=0.0, max_peaks=candidates,
-                        function="node.preprocessing.locate_peaks, then the classifier (node.preprocessing.rescored)")
+                        function="node.preprocessing.locate_peaks, then the classifier (node.preprocessing.kept_candidates)")
